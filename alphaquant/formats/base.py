@@ -1,0 +1,130 @@
+"""The contract every number format fulfils.
+
+A format quantizes a tensor along its LAST dimension in groups of `group_size`
+consecutive elements that share one scale (and, for asymmetric integers, one zero
+point). Everything before the last dimension is batch: a weight [R, C], a stack of
+expert weights [E, R, C] and a column slice [E, R, 1] are all handled alike.
+
+The split into `params` (scales/zeros chosen from data) and `round_with` (rounding to
+the grid given fixed params) is what GPTQ needs: with static groups the solver asks for
+the params of every group once, from the original weight, then rounds one column at a
+time against them.
+
+    fmt = get_format("int4", group_size=128)
+    p = fmt.params(w)                      # p.scale: [..., C // 128]
+    w_hat = fmt.round_with(w, p)           # same as fmt.fake_quantize(w)
+    q = fmt.quantize(w)                    # codes + params, for export
+    assert torch.equal(fmt.dequantize(q), w_hat)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class FormatError(ValueError):
+    """A format name, option or tensor shape that a format cannot take."""
+
+
+@dataclass
+class QParams:
+    """Per-group quantization parameters, broadcastable against a grouped tensor.
+
+    scale: [..., G] float32, the effective multiplier of a group (for NVFP4 the product
+        of the fp8 block scale and the fp32 tensor scale; for MX the power of two 2^e).
+    zero:  [..., G] float32 integer-valued zero points (asymmetric ints), else None.
+    extra: format-specific stored forms needed for export, e.g. {"scale_e8m0": uint8
+        [..., G]} for MX, {"block_scale_fp8": float8_e4m3fn [..., G], "global_scale":
+        float32 [...]} for NVFP4.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def select(self, group_idx: torch.Tensor | int) -> "QParams":
+        """Params of the given group(s) along the last dim, keeping dims ([..., k])."""
+        idx = torch.as_tensor(group_idx, device=self.scale.device).reshape(-1)
+        pick = lambda t: t.index_select(-1, idx) if t is not None and t.dim() > 0 else t  # noqa: E731
+        extra = {k: (pick(v) if v.dim() == self.scale.dim() and v.shape[-1] == self.scale.shape[-1] else v)
+                 for k, v in self.extra.items()}
+        return QParams(pick(self.scale), pick(self.zero), extra)
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: integer codes (one per element, int8/uint8 storage) + params."""
+
+    codes: torch.Tensor
+    params: QParams
+    shape: tuple
+    format_name: str
+
+
+class Format:
+    """Base class; concrete formats live beside this file.
+
+    Attributes every format sets:
+      name: canonical name ("int4", "mxfp4", "nvfp4", "fp8_e4m3", "bf16", ...)
+      bits: bits per element code
+      group_size: elements per scale along the last dim; -1 = one scale per row
+      is_identity: True for bf16/fp16 (no quantization: GPTQ leaves the weight alone)
+    """
+
+    name: str = "base"
+    bits: int = 16
+    group_size: int = -1
+    is_identity: bool = False
+
+    # --- shape helpers -------------------------------------------------------------
+    def group_len(self, cols: int) -> int:
+        """Elements per group for a last dimension of `cols` (checks divisibility)."""
+        g = cols if self.group_size in (-1, 0, None) else self.group_size
+        if cols % g != 0:
+            raise FormatError(
+                f"{self.name}: the last dimension {cols} is not divisible by group_size {g}; "
+                f"use a group_size that divides {cols} or -1 (one scale per row)")
+        return g
+
+    def num_groups(self, cols: int) -> int:
+        return cols // self.group_len(cols)
+
+    # --- the interface ---------------------------------------------------------------
+    def params(self, w: torch.Tensor) -> QParams:
+        """Choose scales (and zeros) for each group of w's last dimension."""
+        raise NotImplementedError
+
+    def round_with(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
+        """Round w to the grid given params; returns dequantized values in w.dtype.
+
+        w's last dim must be a whole number of groups matching p, OR p must hold exactly
+        one group per row (p.scale.shape[-1] == 1), which is how GPTQ rounds one column.
+        """
+        return self.dequantize(QTensor(self.encode(w, p), p, tuple(w.shape), self.name)).to(w.dtype)
+
+    def encode(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
+        """Integer codes of w given params (same shape as w)."""
+        raise NotImplementedError
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        """float32 values of a QTensor."""
+        raise NotImplementedError
+
+    def quantize(self, w: torch.Tensor) -> QTensor:
+        p = self.params(w)
+        return QTensor(self.encode(w, p), p, tuple(w.shape), self.name)
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        return self.round_with(w, self.params(w))
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes -> uint8 bytes (see each format for the bit layout)."""
+        raise NotImplementedError
+
+    def unpack(self, data: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """uint8 bytes -> codes of the given shape (inverse of pack)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, group_size={self.group_size})"
