@@ -1,0 +1,22 @@
+"""Local model code for four MoE families (OLMoE, Qwen2-MoE, Mixtral, DeepSeek-MoE v1), checkpoint compatible
+with the hub layout: every expert is its own nn.Linear and every MoE block exposes its routing. See README.md.
+
+>>> import models
+>>> model = models.from_pretrained("allenai/OLMoE-1B-7B-0924", dtype="bf16", lazy=True)   # doctest: +SKIP
+>>> layer = models.load_layer(model, 0)                                                   # doctest: +SKIP
+"""
+
+from .common.checkpoint import CheckpointReader, ShardWriter
+from .common.config import ModelConfigError, MoEModelConfig, UnsupportedModelError
+from .common.decoder import DecoderLayer, MoEForCausalLM
+from .common.moe import SharedGateAct, SparseMoeBlock, TopKRouter, expert_token_weights
+from .loading import (from_config, from_pretrained, iter_checkpoint_tensors, load_layer, save_pretrained,
+                      unload_layer)
+from .registry import FAMILIES, SUPPORTED_MODEL_TYPES, config_from_dict, family_of
+
+__all__ = [
+    "CheckpointReader", "ShardWriter", "ModelConfigError", "MoEModelConfig", "UnsupportedModelError", "DecoderLayer",
+    "MoEForCausalLM", "SharedGateAct", "SparseMoeBlock", "TopKRouter", "expert_token_weights", "from_config",
+    "from_pretrained", "iter_checkpoint_tensors", "load_layer", "save_pretrained", "unload_layer", "FAMILIES",
+    "SUPPORTED_MODEL_TYPES", "config_from_dict", "family_of",
+]

@@ -1,0 +1,161 @@
+"""Reading and writing safetensors checkpoints one tensor at a time.
+
+`CheckpointReader` indexes key -> file (sharded with model.safetensors.index.json, or single files) and reads
+single tensors with safe_open, so a model never has to fit in host RAM. It also accepts the fused expert
+layout (`...experts.gate_up_proj` [E, 2I, H], `...experts.down_proj` [E, H, I]) by slicing one expert out.
+`ShardWriter` takes (key, tensor) pairs and rolls to a new shard file at a size limit; it is meant to be reused
+by exporters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# per-expert key -> (fused key suffix, which part): gate/w1 = first half of gate_up, up/w3 = second half
+_EXPERT_KEY = re.compile(r"^(?P<block>.*)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_FUSED_PART = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+               "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
+
+
+class CheckpointReader:
+    """Key -> file index over a checkpoint directory; `read(key)` loads one tensor.
+
+    >>> ckpt = CheckpointReader("path/to/model")            # doctest: +SKIP
+    >>> w = ckpt.read("model.layers.0.mlp.experts.3.up_proj.weight")   # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        index = self.directory / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.key_to_file = {k: self.directory / f for k, f in weight_map.items()}
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in {self.directory}.")
+            self.key_to_file = {}
+            for f in files:
+                with safe_open(f, "pt") as h:
+                    self.key_to_file.update({k: f for k in h.keys()})
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file or self._fused_source(key) is not None
+
+    def _handle(self, path: Path):
+        if path not in self._handles:  # keep files open: re-parsing a large shard header per tensor is slow
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor stored under `key` (or sliced out of a fused expert tensor), in its stored dtype."""
+        if key in self.key_to_file:
+            return self._handle(self.key_to_file[key]).get_tensor(key)
+        src = self._fused_source(key)
+        if src is None:
+            raise KeyError(f"{key!r} is not in the checkpoint at {self.directory}.")
+        fused_key, expert, half = src
+        w = self._handle(self.key_to_file[fused_key]).get_slice(fused_key)[expert]  # (2I, H) or (H, I)
+        if half is None:
+            return w.contiguous()
+        rows = w.shape[0] // 2
+        return w[half * rows:(half + 1) * rows].contiguous()
+
+    def _fused_source(self, key: str):
+        m = _EXPERT_KEY.match(key)
+        if not m:
+            return None
+        suffix, half = _FUSED_PART[m["proj"]]
+        # transformers 5 calls Mixtral's block 'mlp' in memory; accept either prefix.
+        for block in (m["block"], m["block"].replace("block_sparse_moe", "mlp")):
+            fused = f"{block}.experts.{suffix}"
+            if fused in self.key_to_file:
+                return fused, int(m["e"]), half
+        return None
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / '2KB' / int bytes -> bytes (decimal units, as transformers uses)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.I)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r} is not a size; use bytes or e.g. '5GB', '500MB'.")
+    unit = (m[2] or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m[1]) * scale)
+
+
+class ShardWriter:
+    """Write (key, tensor) pairs to safetensors shards of at most `max_shard_size` bytes (a single tensor
+    larger than the limit gets its own shard). Only the current shard is held in memory.
+
+    >>> with ShardWriter(out_dir, "2GB") as w:          # doctest: +SKIP
+    ...     for key, t in tensors: w.add(key, t)
+    On close: one shard -> model.safetensors; several -> model-0000i-of-0000n.safetensors + index json.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                 metadata: dict[str, str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = parse_size(max_shard_size)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._current: dict[str, torch.Tensor] = {}
+        self._current_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []  # temporary file, keys
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._current and self._current_bytes + nbytes > self.max_bytes:
+            self._flush()
+        # contiguous CPU copy: safetensors needs it, and the caller may free its tensor afterwards
+        self._current[key] = tensor.detach().to("cpu").contiguous()
+        self._current_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._current, str(path), metadata=self.metadata)
+        self._shards.append((path, list(self._current)))
+        self._current, self._current_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Flush, give the shards their final names, write the index if sharded; returns the shard paths."""
+        if self._current or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (tmp, keys), name in zip(self._shards, names):
+            os.replace(tmp, self.directory / name)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return [self.directory / name for name in names]
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()

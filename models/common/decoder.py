@@ -1,0 +1,123 @@
+"""Decoder layer, trunk and causal-LM wrapper shared by the four families.
+
+Layer-by-layer use (what the calibration loop does)::
+
+    hidden, kw = model.prepare_layer_inputs(input_ids, attention_mask)   # (B, S, H), dict
+    for layer in model.model.layers:
+        hidden = layer(hidden, **kw)                                     # (B, S, H), a plain tensor
+    logits = model.head(hidden)                                          # final norm + lm_head: (B, S, V)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, causal_mask
+from .config import MoEModelConfig
+from .layers import RMSNorm, SwiGLUMLP, rotary_cos_sin
+from .moe import SparseMoeBlock
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); the MLP is MoE or dense per config."""
+
+    def __init__(self, cfg: MoEModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = Attention(cfg, layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Mixtral names its MoE block 'block_sparse_moe'; a dense layer is always 'mlp'.
+        self.mlp_attr = cfg.moe_attr if cfg.moe_layers[layer_idx] else "mlp"
+        mlp = SparseMoeBlock(cfg) if cfg.moe_layers[layer_idx] else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
+        setattr(self, self.mlp_attr, mlp)
+
+    @property
+    def mlp_block(self) -> nn.Module:
+        return getattr(self, self.mlp_attr)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask)
+        return h + self.mlp_block(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """The trunk: model.embed_tokens, model.layers, model.norm (checkpoint prefix 'model.')."""
+
+    def __init__(self, cfg: MoEModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LMHead(nn.Module):
+    """Final norm + lm_head: (B, S, H) -> logits (B, S, V)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear) -> None:
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden_states))
+
+
+class MoEForCausalLM(nn.Module):
+    """Causal LM for any of the four families; `forward` returns the logits tensor (B, S, V)."""
+
+    config_class: type[MoEModelConfig] = MoEModelConfig
+
+    def __init__(self, config: MoEModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.checkpoint = None  # a CheckpointReader once loaded from disk (lazy layers read from it)
+        self.lazy = False  # True when loaded with lazy=True: decoder layers live on meta until load_layer
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def prepare_layer_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Embed tokens and build what every decoder layer needs.
+
+        input_ids (B, S) long; attention_mask (B, S) with 1 = real token, 0 = padding (any side).
+        Returns (hidden_states (B, S, H), layer_kwargs) with layer(hidden_states, **layer_kwargs) -> (B, S, H).
+        """
+        hidden = self.model.embed_tokens(input_ids)
+        return hidden, self.layer_kwargs(hidden, attention_mask)
+
+    def layer_kwargs(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """kwargs of every decoder layer for a (B, S, H) batch: rotary cos/sin (dtype and device of the hidden
+        states) and the (B, 1, S, S) boolean causal+padding mask. Positions are 0..S-1 for every row, as
+        transformers uses when no position_ids are given."""
+        B, S, _ = hidden_states.shape
+        cfg, device = self.config, hidden_states.device
+        positions = torch.arange(S, device=device)[None]  # (1, S)
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor,
+                                  hidden_states.dtype)
+        mask = causal_mask(None if attention_mask is None else attention_mask.to(device), B, S, device)
+        return {"position_embeddings": (cos, sin), "attention_mask": mask}
+
+    def head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head: (B, S, H) -> logits (B, S, V)."""
+        return self.lm_head(self.model.norm(hidden_states))
+
+    def head_module(self) -> "LMHead":
+        """The head as a module (shares this model's norm and lm_head), for pipelines that run modules."""
+        return LMHead(self.model.norm, self.lm_head)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden, kw = self.prepare_layer_inputs(input_ids, attention_mask)
+        for layer in self.model.layers:
+            hidden = layer(hidden, **kw)
+        return self.head(hidden)

@@ -1,0 +1,207 @@
+"""from_pretrained / from_config / load_layer / unload_layer / save_pretrained.
+
+Memory: the model is built on the meta device (no storage) and each parameter is then read from the
+safetensors files, cast and placed on its own, so peak host memory is one model (plus one tensor), never two.
+With lazy=True the decoder layers stay on meta; `load_layer(model, i)` materialises one layer from
+`model.checkpoint` and `unload_layer(model, i)` frees it again, so a calibration loop can walk models larger
+than host RAM layer by layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .common.checkpoint import CheckpointReader, ShardWriter
+from .common.decoder import MoEForCausalLM
+from .registry import config_from_dict, model_class_for
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config_dict: dict[str, Any] | None = None) -> torch.dtype:
+    """None -> the dtype config.json records ('dtype' / 'torch_dtype'), else float32."""
+    if dtype is None and config_dict:
+        dtype = config_dict.get("dtype") or config_dict.get("torch_dtype")
+        if dtype not in _DTYPES:
+            dtype = None
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype={dtype} is not supported; use bfloat16, float16 or float32.")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id fetched (config + safetensors only) via huggingface_hub."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"model directory {text!r} does not exist.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # offline, unknown repo, gated repo...
+        raise FileNotFoundError(
+            f"{text!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}: {e}).") from e
+
+
+def read_config_dict(directory: Path) -> dict[str, Any]:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: a model directory needs a config.json.")
+    return json.loads(cfg_path.read_text())
+
+
+def _build_on_meta(config_dict: dict[str, Any], dtype: torch.dtype) -> MoEForCausalLM:
+    cls = model_class_for(config_dict.get("model_type"))
+    config = config_from_dict(config_dict)
+    with torch.device("meta"):
+        model = cls(config)
+    return model.to(dtype)
+
+
+def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = key.rpartition(".")
+    model.get_submodule(owner)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _retie(model: MoEForCausalLM) -> None:
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _checkpoint_keys(model: MoEForCausalLM, prefix: str = "") -> list[tuple[str, nn.Parameter]]:
+    """(checkpoint key, parameter) pairs; the tied lm_head is skipped (it is not in tied checkpoints)."""
+    tied = model.config.tie_word_embeddings
+    return [(k, p) for k, p in model.named_parameters(remove_duplicate=False)
+            if k.startswith(prefix) and not (tied and k == "lm_head.weight")]
+
+
+def _materialize(model: MoEForCausalLM, prefix: str, device, dtype: torch.dtype | None) -> None:
+    for key, meta in _checkpoint_keys(model, prefix):
+        t = model.checkpoint.read(key)
+        if t.shape != meta.shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(meta.shape)} "
+                             f"(does config.json match the weights?).")
+        _set_param(model, key, t.to(device=device, dtype=dtype or meta.dtype))
+    _retie(model)
+
+
+def _layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def from_pretrained(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device | None = None, lazy: bool = False) -> MoEForCausalLM:
+    """Load a local checkpoint directory or hub id of a supported family; returns the model in eval mode.
+
+    dtype: 'bf16'/'fp16'/'fp32' or a torch dtype; None = the dtype in config.json (float32 if absent).
+    lazy: keep decoder layers on the meta device (use load_layer / unload_layer); embeddings, final norm and
+    lm_head are loaded eagerly.
+    """
+    directory = resolve_checkpoint_dir(path_or_id)
+    config_dict = read_config_dict(directory)
+    dtype = resolve_dtype(dtype, config_dict)
+    model = _build_on_meta(config_dict, dtype)
+    model.checkpoint = CheckpointReader(directory)
+    device = torch.device(device or "cpu")
+    model.lazy = lazy
+    if lazy:
+        for prefix in ("model.embed_tokens.", "model.norm.", "lm_head."):
+            _materialize(model, prefix, device, dtype)
+    else:
+        _materialize(model, "", device, dtype)
+    return model.eval()
+
+
+def from_config(config_dict: dict[str, Any], dtype: str | torch.dtype | None = None,
+                device: str | torch.device | None = None, seed: int | None = None) -> MoEForCausalLM:
+    """A randomly initialised model from a config.json-style dict (tiny models for tests).
+
+    Linear/embedding weights ~ N(0, initializer_range), biases 0, norms 1 (as transformers initialises).
+    """
+    dtype = resolve_dtype(dtype, config_dict)
+    std = config_dict.get("initializer_range", 0.02)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model = _build_on_meta(config_dict, torch.float32)
+    for key, meta in _checkpoint_keys(model):
+        if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
+            t = torch.ones(meta.shape)
+        elif key.endswith(".bias"):
+            t = torch.zeros(meta.shape)
+        else:
+            t = torch.randn(meta.shape, generator=gen) * std
+        _set_param(model, key, t.to(device=device, dtype=dtype))
+    _retie(model)
+    return model.eval()
+
+
+def load_layer(model: MoEForCausalLM, i: int, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> nn.Module:
+    """Read decoder layer i's weights from model.checkpoint; returns the layer.
+
+    device: default = where the embeddings live; dtype: default = the dtype the model was loaded in.
+    """
+    if model.checkpoint is None:
+        raise ValueError("load_layer needs a model loaded with models.from_pretrained (it has no checkpoint).")
+    device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
+    _materialize(model, _layer_prefix(i), device, resolve_dtype(dtype) if dtype is not None else None)
+    return model.model.layers[i]
+
+
+def unload_layer(model: MoEForCausalLM, i: int) -> None:
+    """Free decoder layer i's weights (back to the meta device); load_layer reads them again."""
+    for key, p in _checkpoint_keys(model, _layer_prefix(i)):
+        _set_param(model, key, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+
+def iter_checkpoint_tensors(model: MoEForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) in hub layout, in module order; layers still on meta are streamed from model.checkpoint."""
+    for key, p in _checkpoint_keys(model):
+        yield key, (model.checkpoint.read(key).to(p.dtype) if p.is_meta else p.detach())
+
+
+def save_pretrained(model: MoEForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    overwrite: bool = False) -> Path:
+    """Write config.json + safetensors (sharded with an index json above max_shard_size) in the hub layout.
+
+    Written to a temporary sibling directory and renamed into place, so a failure leaves nothing behind.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        config = model.config.to_hf()
+        config["dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        with ShardWriter(tmp, max_shard_size) as writer:
+            for key, tensor in iter_checkpoint_tensors(model):
+                writer.add(key, tensor)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,4 @@
+from .configuration import OlmoeConfig
+from .modeling import OlmoeForCausalLM
+
+__all__ = ["OlmoeConfig", "OlmoeForCausalLM"]

@@ -1,0 +1,171 @@
+"""Loading, saving, sharding, lazy layers and error messages of models/."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import models
+
+QWEN = dict(model_type="qwen2_moe", vocab_size=128, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
+            shared_expert_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], initializer_range=0.2)
+MIXTRAL = dict(model_type="mixtral", vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+               initializer_range=0.2, tie_word_embeddings=True)
+
+
+def all_tensors(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def batch():
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, -2:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("config", [QWEN, MIXTRAL], ids=["qwen2_moe", "mixtral_tied"])
+def test_round_trip_identical(config, tmp_path):
+    model = models.from_config(config, seed=0)
+    models.save_pretrained(model, tmp_path / "a")
+    loaded = models.from_pretrained(tmp_path / "a")
+    models.save_pretrained(loaded, tmp_path / "b")
+    a, b = all_tensors(tmp_path / "a"), all_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() == {k for k in model.state_dict() if not (config.get("tie_word_embeddings")
+                                                                          and k == "lm_head.weight")}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ids, mask = batch()
+    with torch.no_grad():  # same tensors; only BLAS summation order may differ with memory alignment
+        torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    model = models.from_config(QWEN, seed=0)
+    models.save_pretrained(model, tmp_path, max_shard_size="20KB", overwrite=True)
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    loaded = models.from_pretrained(tmp_path)
+    ids, mask = batch()
+    with torch.no_grad():  # same tensors; only BLAS summation order may differ with memory alignment
+        torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_layers_match_eager(tmp_path):
+    models.save_pretrained(models.from_config(QWEN, seed=0), tmp_path, max_shard_size="30KB", overwrite=True)
+    eager = models.from_pretrained(tmp_path)
+    lazy = models.from_pretrained(tmp_path, lazy=True)
+    assert all(p.is_meta for p in lazy.model.layers.parameters())
+    assert not lazy.lm_head.weight.is_meta
+    ids, mask = batch()
+    with torch.no_grad():
+        hidden, kw = lazy.prepare_layer_inputs(ids, mask)
+        for i in range(len(lazy.model.layers)):
+            layer = models.load_layer(lazy, i)
+            hidden = layer(hidden, **kw)
+            models.unload_layer(lazy, i)
+            assert all(p.is_meta for p in layer.parameters())
+        torch.testing.assert_close(lazy.head(hidden), eager(ids, mask), rtol=0, atol=0)
+    # saving a lazy model streams the unloaded layers from its checkpoint
+    models.save_pretrained(lazy, tmp_path / "resaved")
+    a, b = all_tensors(tmp_path), all_tensors(tmp_path / "resaved")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dtype_and_bf16_forward(tmp_path):
+    models.save_pretrained(models.from_config(MIXTRAL, seed=0), tmp_path)
+    model = models.from_pretrained(tmp_path, dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.dtype == torch.bfloat16
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = models.from_pretrained(tmp_path, dtype=torch.float32)(ids, mask)
+        got = model(ids, mask)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_fused_expert_layout_is_split(tmp_path):
+    # A checkpoint with fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I]) loads into per-expert linears.
+    model = models.from_config(QWEN, seed=0)
+    models.save_pretrained(model, tmp_path / "hub")
+    sd = all_tensors(tmp_path / "hub")
+    fused = {}
+    for key, t in sd.items():
+        if ".mlp.experts." not in key:
+            fused[key] = t
+    for i in (0, 2):
+        p = f"model.layers.{i}.mlp.experts"
+        fused[f"{p}.gate_up_proj"] = torch.stack(
+            [torch.cat([sd[f"{p}.{e}.gate_proj.weight"], sd[f"{p}.{e}.up_proj.weight"]]) for e in range(4)])
+        fused[f"{p}.down_proj"] = torch.stack([sd[f"{p}.{e}.down_proj.weight"] for e in range(4)])
+    (tmp_path / "fused").mkdir()
+    save_file(fused, str(tmp_path / "fused" / "model.safetensors"))
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    loaded = models.from_pretrained(tmp_path / "fused")
+    models.save_pretrained(loaded, tmp_path / "resaved")  # our save writes the per-expert hub layout
+    resaved = all_tensors(tmp_path / "resaved")
+    assert resaved.keys() == sd.keys() and all(torch.equal(resaved[k], sd[k]) for k in sd)
+
+
+def test_unsupported_family_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(models.UnsupportedModelError, match="'llama'.*olmoe.*mixtral.*qwen2_moe.*deepseek"):
+        models.from_pretrained(tmp_path)
+    assert issubclass(models.UnsupportedModelError, ValueError)
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        models.from_pretrained(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        models.from_pretrained(tmp_path)
+
+
+def test_hub_id_offline_error_names_the_id():
+    with pytest.raises(FileNotFoundError, match="no-such-org/no-such-model"):
+        models.from_pretrained("no-such-org/no-such-model")
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    model = models.from_config(MIXTRAL, seed=0)
+    models.save_pretrained(model, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        models.save_pretrained(model, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
+
+
+def test_shard_writer_rolls_at_size(tmp_path):
+    with models.ShardWriter(tmp_path, max_shard_size=100) as w:
+        for i in range(5):
+            w.add(f"t{i}", torch.full((10,), float(i)))  # 40 bytes each -> 2 per shard
+    assert len(list(tmp_path.glob("model-*-of-00003.safetensors"))) == 3
+    reader = models.CheckpointReader(tmp_path)
+    assert torch.equal(reader.read("t4"), torch.full((10,), 4.0))
+
+
+def test_adapter_layer_walk_on_lazy_model(tmp_path):
+    # The calls alphaquant.pipeline makes: embed_fn -> layer(hidden, **layer_kwargs_fn(hidden)) -> head_module.
+    from alphaquant.arch import get_adapter
+
+    models.save_pretrained(models.from_config(QWEN, seed=0), tmp_path)
+    eager, lazy = models.from_pretrained(tmp_path), models.from_pretrained(tmp_path, lazy=True)
+    ad = get_adapter(lazy)
+    ids = batch()[0]
+    with torch.no_grad():
+        hidden = ad.embed_fn(lazy)(ids)
+        kwargs = ad.layer_kwargs_fn(lazy)
+        for i in range(ad.num_layers(lazy)):
+            layer = ad.load_layer(lazy, i)
+            hidden = layer(hidden, **kwargs(hidden))
+            ad.unload_layer(lazy, i)
+        assert all(p.is_meta for p in lazy.model.layers.parameters())
+        torch.testing.assert_close(ad.head_module(lazy)(hidden), eager(ids), rtol=0, atol=0)
+        ad.unload_layer(eager, 0)  # an eagerly loaded model keeps its weights
+    assert not any(p.is_meta for p in eager.parameters())
