@@ -35,8 +35,9 @@ class QParams:
         of the fp8 block scale and the fp32 tensor scale; for MX the power of two 2^e).
     zero:  [..., G] float32 integer-valued zero points (asymmetric ints), else None.
     extra: format-specific stored forms needed for export, e.g. {"scale_e8m0": uint8
-        [..., G]} for MX, {"block_scale_fp8": float8_e4m3fn [..., G], "global_scale":
-        float32 [...]} for NVFP4.
+        [..., G]} for MX, {"block_scale_fp8": float8_e4m3fn [..., G], "weight_global_scale":
+        float32 [...] (compressed-tensors' divisor), "global_scale": float32 [...]} for NVFP4.
+        Entries shaped like `scale` follow select(); others (per-matrix) are kept whole.
     """
 
     scale: torch.Tensor
@@ -52,9 +53,41 @@ class QParams:
         return QParams(pick(self.scale), pick(self.zero), extra)
 
 
+def groups_like(w: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
+    """View w [..., C] as float32 [..., G, C // G] where G = scale.shape[-1].
+
+    G comes from the params, not the format's group_size, so a column slice [E, R, 1]
+    rounded against params holding one group per row works without special cases.
+    """
+    G = scale.shape[-1] if scale.dim() > 0 else 1
+    if w.shape[-1] % G != 0:
+        raise FormatError(f"{name}: the last dimension {w.shape[-1]} does not split into the "
+                          f"{G} groups that the params hold")
+    return w.float().unflatten(-1, (G, w.shape[-1] // G))
+
+
+def exact_div(a: torch.Tensor, c: float) -> torch.Tensor:
+    """a / c, correctly rounded on every device.
+
+    PyTorch's CUDA kernel turns `tensor / python_scalar` into `tensor * (1 / scalar)`,
+    which is off by an ulp for constants like 448 or 7.5 and made GPU scales differ
+    from CPU ones; a 0-d device tensor as divisor keeps the true division.
+    """
+    return a / torch.full((), c, dtype=a.dtype, device=a.device)
+
+
+def exact_rdiv(c: float, a: torch.Tensor) -> torch.Tensor:
+    """c / a with the same guarantee as exact_div."""
+    return torch.full((), c, dtype=a.dtype, device=a.device) / a
+
+
 @dataclass
 class QTensor:
-    """A quantized tensor: integer codes (one per element, int8/uint8 storage) + params."""
+    """A quantized tensor: codes (one per element, same shape as the weight) + params.
+
+    Code dtypes: int8 signed codes for int2..int8 and mxint8; uint8 raw bit patterns for
+    the FP elements (mxfp*, nvfp4, fp8_e4m3); int16 bit patterns for bf16/fp16.
+    """
 
     codes: torch.Tensor
     params: QParams
@@ -70,12 +103,15 @@ class Format:
       bits: bits per element code
       group_size: elements per scale along the last dim; -1 = one scale per row
       is_identity: True for bf16/fp16 (no quantization: GPTQ leaves the weight alone)
+      check_finite: params() raises FormatError on NaN/Inf (one host sync; turn off for
+        per-token activation quantization). round_with never syncs.
     """
 
     name: str = "base"
     bits: int = 16
     group_size: int = -1
     is_identity: bool = False
+    check_finite: bool = True
 
     # --- shape helpers -------------------------------------------------------------
     def group_len(self, cols: int) -> int:
@@ -89,6 +125,22 @@ class Format:
 
     def num_groups(self, cols: int) -> int:
         return cols // self.group_len(cols)
+
+    def split_groups(self, w: torch.Tensor) -> torch.Tensor:
+        """[..., C] -> float32 [..., G, g] with this format's group length (for params)."""
+        if w.dim() == 0:
+            raise FormatError(f"{self.name}: cannot quantize a 0-d tensor; give it a last dimension")
+        g = self.group_len(w.shape[-1])
+        return w.float().unflatten(-1, (w.shape[-1] // g, g))
+
+    def ensure_finite(self, w: torch.Tensor) -> None:
+        """Refuse NaN/Inf weights: a NaN amax would silently poison a whole group's scale.
+
+        This costs one host sync, so params() only checks when `check_finite` is set
+        (the default); activation paths build formats with check_finite=False.
+        """
+        if self.check_finite and not bool(torch.isfinite(w).all()):
+            raise FormatError(f"{self.name}: the tensor contains NaN/Inf; fix or mask it before quantizing")
 
     # --- the interface ---------------------------------------------------------------
     def params(self, w: torch.Tensor) -> QParams:

@@ -1,0 +1,122 @@
+"""Streaming Hessian accumulation for GPTQ: H = 2/N Σ_t c_t x_t x_tᵀ.
+
+GPTQ needs, per linear layer, the Hessian of the layer-wise squared error
+||W X - Q X||² with respect to a row of W, which is H = 2 X Xᵀ / N over the N calibration
+tokens. For MoE experts each token may carry a weight c_t (its routing probability, as in
+MoEQuant's AGQ): H = 2/N Σ_t c_t x_t x_tᵀ, the same as feeding √c_t · x_t.
+
+We keep RAW sums (Σ c x xᵀ, the token count and Σ c) and normalise only in `finalize`.
+Raw sums add: summing `H`, `n_tokens` and `weight_sum` of several states (batches, or
+DDP ranks via all_reduce(SUM)) and then finalising gives exactly what one process seeing
+every token would give. A running mean (as in the GPTQ reference code) would not.
+
+Normalisation uses the TOKEN COUNT N (tokens with c_t > 0), as in GPTQ, not Σ c_t. The
+GPTQ solution is invariant to any positive scale of H (damping is relative to mean(diag H)),
+so this choice only fixes the scale of the reported proxy loss; `weight_sum` is kept so a
+caller can renormalise to a weighted mean (H · N / Σc) if it prefers.
+
+    state = HessianState.zeros(cols=2048, experts=64)
+    for x, probs in batches:             # x [T, 2048], probs [64, T] (0 = not routed)
+        state.add(x, weight=probs)
+    H = state.finalize()                 # [64, 2048, 2048] fp32
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _weighted_tokens(x: torch.Tensor, weight: torch.Tensor | None, experts: int | None):
+    """Flatten x to tokens and pair it with per-token weights.
+
+    Returns (x [T, C] or [E, T, C] fp32, weight None or [T] / [E, T] fp32).
+    With experts=None (a 2D Hessian) every leading dim of x is a token dim.
+    With experts=E, x is [E, T, C] (per-expert tokens) or [T, C] (shared by all experts,
+    then weight is usually [E, T] routing probabilities).
+    """
+    x = x.float()
+    if experts is None:
+        x = x.reshape(-1, x.shape[-1])                              # [T, C]
+        if weight is not None:
+            weight = weight.reshape(-1).float()                     # [T]
+    elif x.dim() == 3 and x.shape[0] != experts:
+        raise ValueError(f"x has {x.shape[0]} experts but the Hessian has {experts}")
+    elif x.dim() not in (2, 3):
+        raise ValueError(f"x must be [T, C] or [E, T, C] for a 3D Hessian, got {tuple(x.shape)}")
+    if weight is not None:
+        weight = weight.float()
+        if weight.shape[-1] != x.shape[-2]:
+            raise ValueError(f"weight has {weight.shape[-1]} tokens but x has {x.shape[-2]}")
+    return x, weight
+
+
+def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """H += Σ_t c_t x_t x_tᵀ in fp32, in place; returns H (a RAW sum, not normalised).
+
+    H: [C, C] or [E, C, C] fp32.  x: [..., C] tokens (for 3D H: [E, T, C] or shared [T, C]).
+    weight: optional per-token weights c (>= 0): [...] for 2D H, [T] or [E, T] for 3D H.
+    """
+    if H.dtype != torch.float32:
+        raise ValueError(f"H must be float32 for accumulation, got {H.dtype}")
+    x, c = _weighted_tokens(x, weight, H.shape[0] if H.dim() == 3 else None)
+    if c is None:
+        xw = x
+    elif c.dim() == 2 and x.dim() == 2:
+        xw = x.unsqueeze(0) * c.unsqueeze(-1)                       # [E, T, C]
+    else:
+        xw = x * c.unsqueeze(-1)                                    # [T, C] or [E, T, C]
+    # Σ_t c_t x_t x_tᵀ = (c ⊙ X)ᵀ X; one (batched) matmul, broadcast over experts
+    H.add_(torch.matmul(xw.transpose(-1, -2), x).expand_as(H))
+    return H
+
+
+@dataclass
+class HessianState:
+    """Raw Hessian sums of one linear layer (or a stack of E experts).
+
+    H:          [C, C] or [E, C, C] fp32, Σ_t c_t x_t x_tᵀ (raw, not normalised)
+    n_tokens:   [] or [E] int64, tokens seen with c_t > 0 (all tokens without weights)
+    weight_sum: [] or [E] float64, Σ_t c_t (= n_tokens without weights)
+    All three are sums: add them across batches or DDP ranks, then `finalize`.
+    """
+
+    H: torch.Tensor
+    n_tokens: torch.Tensor
+    weight_sum: torch.Tensor
+
+    @classmethod
+    def zeros(cls, cols: int, experts: int | None = None, device=None) -> "HessianState":
+        lead = () if experts is None else (experts,)
+        return cls(H=torch.zeros(*lead, cols, cols, dtype=torch.float32, device=device),
+                   n_tokens=torch.zeros(lead, dtype=torch.int64, device=device),
+                   weight_sum=torch.zeros(lead, dtype=torch.float64, device=device))
+
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> "HessianState":
+        """Accumulate a batch of tokens (see `accumulate_hessian` for shapes)."""
+        accumulate_hessian(self.H, x, weight)
+        x, c = _weighted_tokens(x, weight, self.H.shape[0] if self.H.dim() == 3 else None)
+        if c is None:
+            self.n_tokens += x.shape[-2]
+            self.weight_sum += x.shape[-2]
+        else:
+            c = c.expand(*self.n_tokens.shape, c.shape[-1])         # [T] or [E, T]
+            self.n_tokens += (c > 0).sum(-1)
+            self.weight_sum += c.double().sum(-1)
+        return self
+
+    def merge(self, other: "HessianState") -> "HessianState":
+        """Add another state's raw sums (what all_reduce(SUM) does across ranks)."""
+        self.H += other.H
+        self.n_tokens += other.n_tokens
+        self.weight_sum += other.weight_sum
+        return self
+
+    def finalize(self) -> torch.Tensor:
+        """Normalised Hessian 2/N Σ c x xᵀ (fp32); zero where an expert saw no tokens.
+
+        A zero Hessian is how the solver learns that an expert got no tokens (it then falls
+        back to round-to-nearest and says so), so it is kept zero rather than made up.
+        """
+        n = self.n_tokens.clamp(min=1).to(torch.float32)             # [] or [E]
+        return self.H * (2.0 / n).reshape(*n.shape, 1, 1)

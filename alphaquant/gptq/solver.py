@@ -1,0 +1,172 @@
+"""`gptq_quantize`: GPTQ (Frantar et al. 2022) on plain tensors, batched over experts.
+
+    fmt = get_format("int4", group_size=128)
+    res = gptq_quantize(W, H, fmt)            # W [E, R, C], H [E, C, C] (or [R, C], [C, C])
+    res.weight                                # dequantized, W's shape and dtype
+    res.qtensor.codes, res.qtensor.params     # for export, original column order
+    res.fallback                              # e.g. [None, "no tokens", None, ...]
+
+All E experts share ONE column sweep (a Python loop over columns, each step a handful of
+batched kernels), which is what makes MoE layers fast on a GPU. Experts whose inputs are
+the same share H: OLMoE's gate_proj and up_proj both read the block input, so stack them
+along the rows, W = cat([gate, up], dim=1) [E, 2I, C], solve once, and split the result;
+GPTQ treats rows independently, so this equals solving each alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from alphaquant.formats.base import Format, QTensor
+
+from .linalg import CHOLESKY_FAILED, NO_TOKENS, damped_inverse_factor, fix_dead_columns
+from .sweep import DynamicColumnParams, StaticColumnParams, cat_group_params, gptq_sweep, map_tensors
+
+
+@dataclass
+class GPTQResult:
+    """What one `gptq_quantize` call returns. E = 1 for a 2D call.
+
+    weight:   dequantized weight, the shape and dtype of the input W (identity formats:
+              W cast to the format's dtype and back, i.e. unchanged for a bf16 W).
+    qtensor:  codes + params for export, in the ORIGINAL column order (codes shaped like W,
+              params [R, G] / [E, R, G]); for identity formats (bf16/fp16) fmt.quantize(W). With
+              act_order and static_groups=False, params group k belongs to the columns
+              whose g_idx is k (GPTQ-format semantics); otherwise groups are contiguous.
+    perm:     [C] / [E, C] int64 processing order of the columns (act_order), else None.
+    g_idx:    [C] / [E, C] int32 group of each original column (act_order), else None.
+              With static groups it is simply column // group_size.
+    loss:     [E] float32 GPTQ proxy loss Σ_j ||w_j - q_j||² / (2 [Hinv]_jj²), summed over
+              rows; equals ½ tr(ΔW H_damped ΔWᵀ). For fallback experts it is computed with
+              H = I (½ squared rounding error), as the given H could not be used.
+    fallback: per expert None, "no tokens" (H == 0: round-to-nearest) or
+              "cholesky failed" (not positive definite up to max_damp: round-to-nearest).
+    damp:     [E] float32 relative damping λ actually used (0 for "no tokens"; for
+              "cholesky failed" the last λ tried).
+    """
+
+    weight: torch.Tensor
+    qtensor: QTensor | None
+    perm: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    loss: torch.Tensor
+    fallback: list
+    damp: torch.Tensor
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float):
+    """Validate shapes and values; returns W [E, R, C], H [E, C, C] (views)."""
+    if W.dim() not in (2, 3):
+        raise ValueError(f"W must be [R, C] or [E, R, C], got shape {tuple(W.shape)}")
+    C = W.shape[-1]
+    if H.shape != (*W.shape[:-2], C, C):
+        raise ValueError(f"H must be {(*W.shape[:-2], C, C)} for W of shape {tuple(W.shape)}, "
+                         f"got {tuple(H.shape)}")
+    if block_size < 1 or damp < 0:
+        raise ValueError(f"block_size must be >= 1 and damp >= 0, got {block_size} and {damp}")
+    W3, H3 = (W.unsqueeze(0), H.unsqueeze(0)) if W.dim() == 2 else (W, H)
+    for name, t in (("W", W3), ("H", H3)):
+        # max |t| per expert in one fused pass: NaN and Inf both propagate into it
+        bad = ~torch.isfinite(torch.linalg.vector_norm(t, float("inf"), dim=(-2, -1)))  # [E]
+        if bool(bad.any()):
+            raise ValueError(f"{name} contains NaN or Inf (expert(s) {bad.nonzero().flatten().tolist()}); "
+                             f"GPTQ needs finite weights and Hessians: check the calibration inputs")
+    return W3, H3
+
+
+def _prepare_hessian(H3: torch.Tensor, dtype, damp: float, max_damp: float, act_order: bool):
+    """-> (Hinv [E, C, C] in processing order, perm [E, C] | None, damp_used [E], fallback)."""
+    E, C, _ = H3.shape
+    H = fix_dead_columns(H3.to(dtype))
+    empty = (H3 == 0).flatten(1).all(1)                                  # [E] no tokens
+    eye = torch.eye(C, dtype=dtype, device=H.device)
+    H[empty] = eye
+    perm = None
+    if act_order:
+        # descending diag(H); stable so ties (e.g. dead columns) order the same everywhere
+        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+        H = H.gather(1, perm[:, :, None].expand(E, C, C)).gather(2, perm[:, None, :].expand(E, C, C))
+    Hinv, damp_used, failed = damped_inverse_factor(H, damp, max_damp)
+    Hinv[empty] = eye                                                    # plain RTN, loss under I
+    damp_used[empty] = 0.0
+    reasons = [NO_TOKENS if e else (CHOLESKY_FAILED if f else None)
+               for e, f in zip(empty.tolist(), failed.tolist())]
+    return Hinv, perm, damp_used, reasons
+
+
+def _aligned_blocksize(block_size: int, g: int) -> int:
+    """Block size whose block starts are group starts (or groups lie inside blocks).
+
+    Dynamic groups read the next g columns when a group starts; they must already hold
+    every earlier column's update, which the lazy block update only guarantees then.
+    """
+    if block_size % g == 0 or g % block_size == 0:
+        return block_size
+    return g * (block_size // g) if g < block_size else math.gcd(g, block_size)
+
+
+def _identity_result(W: torch.Tensor, fmt: Format, E: int) -> GPTQResult:
+    """bf16/fp16: nothing to solve; the weight only takes the storage dtype's rounding."""
+    zeros = torch.zeros(E, dtype=torch.float32, device=W.device)
+    return GPTQResult(weight=fmt.fake_quantize(W), qtensor=fmt.quantize(W), perm=None, g_idx=None,
+                      loss=zeros, fallback=[None] * E, damp=zeros.clone())
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: int = 128,
+                  damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
+                  max_damp: float = 1.0, cuda_graph: bool | None = None) -> GPTQResult:
+    """Quantize W [R, C] / [E, R, C] to `fmt` with GPTQ, given H [C, C] / [E, C, C].
+
+    H is the (normalised) Hessian 2/N Σ c x xᵀ of the layer inputs, see `HessianState`;
+    its scale does not matter. block_size: columns per lazy batch. damp: λ of the
+    damping λ·mean(diag H)·I, raised ×10 per expert up to max_damp when a Cholesky fails.
+    act_order: process columns by descending diag(H). static_groups: group params from
+    the original W (True) or from the error-updated W at each group's first column.
+    cuda_graph: replay the column loop of each block as a CUDA graph (None: on for CUDA
+    tensors with static groups; same results, far fewer launches).
+    Computes in float32 (float64 if W or H is float64). Raises ValueError on NaN/Inf.
+    """
+    W3, H3 = _check_inputs(W, H, block_size, damp)
+    E, R, C = W3.shape
+    if fmt.is_identity:
+        return _identity_result(W, fmt, E)
+    dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
+    g = fmt.group_len(C)
+    Hinv, perm, damp_used, reasons = _prepare_hessian(H3, dtype, damp, max_damp, act_order)
+    order = perm if act_order else torch.arange(C, device=W.device).expand(E, C)   # [E, C]
+    Wf = W3.to(dtype)                                                    # [E, R, C]
+    Wt = Wf.transpose(1, 2).gather(1, order[:, :, None].expand(E, C, R)).contiguous()  # [E, C, R]
+    if static_groups:
+        p_static = fmt.params(Wf)                                        # [E, R, G]
+        colparams = StaticColumnParams(p_static, order // g)
+        blocksize = block_size
+    else:
+        colparams = DynamicColumnParams(fmt, g)
+        blocksize = _aligned_blocksize(block_size, g)
+    if cuda_graph is None:
+        cuda_graph = W.is_cuda and static_groups
+    if cuda_graph and not (W.is_cuda and static_groups):
+        raise ValueError("cuda_graph=True needs CUDA tensors and static_groups=True")
+    Qt, loss = gptq_sweep(Wt, Hinv, fmt, colparams, blocksize, cuda_graph)
+    inv = torch.argsort(order, dim=-1)                                   # [E, C] position of each column
+    Q = Qt.gather(1, inv[:, :, None].expand(E, C, R)).transpose(1, 2).contiguous()  # [E, R, C] original order
+    if static_groups:
+        params, codes = p_static, fmt.encode(Q, p_static)
+    else:
+        # groups are contiguous in processing order: encode there, then un-permute codes
+        params = cat_group_params(colparams.groups)
+        codes = fmt.encode(Qt.transpose(1, 2), params).gather(-1, inv[:, None, :].expand(E, R, C))
+    g_idx = (torch.arange(C, device=W.device).expand(E, C) if static_groups else inv) // g
+    out = _squeeze if W.dim() == 2 else (lambda t: t)
+    return GPTQResult(
+        weight=out(Q).to(W.dtype),
+        qtensor=QTensor(out(codes), map_tensors(params, out), tuple(W.shape), fmt.name),
+        perm=out(perm) if act_order else None,
+        g_idx=out(g_idx).to(torch.int32) if act_order else None,
+        loss=loss.float(), fallback=reasons, damp=damp_used)
+
+
+def _squeeze(t: torch.Tensor) -> torch.Tensor:
+    return t.squeeze(0) if t.dim() > 0 else t
