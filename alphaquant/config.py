@@ -1,0 +1,277 @@
+"""The run configuration: one typed dataclass per concern, loaded from YAML + command line.
+
+    cfg = load_config("configs/olmoe.yaml", ["--calibration.num_samples", "16", "--eval.enabled=false"])
+    cfg.calibration.num_samples   # 16: the command line wins over the file
+    cfg.to_dict()                 # the resolved config, for logging and saving
+
+A minimal YAML (everything else has the defaults below):
+
+    model: {path: allenai/OLMoE-1B-7B-0924}
+    quant:
+      default: {wq: int4, group_size: 128}
+      overrides:                      # in order; a later rule wins for the fields it names
+        - {pattern: "*.mlp.experts.*", wq: mxfp4/32}    # "name/G" = wq name + group_size G
+        - {pattern: "*.mlp.gate", skip: true}
+        - {pattern: lm_head, skip: true}
+
+Every error is a `ConfigError` (a `UserError`) naming the key, e.g.
+"quant.overrides[2].group_size must be -1 (one group per row) or > 0; got 0 (in run.yaml)".
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from alphaquant.errors import ConfigError
+from alphaquant.quant_config import AQ_NAMES, GptqConfig, QuantConfig, QuantOverride, QuantRule, weight_format_names
+from alphaquant.schema import build, check_key_path, yaml_load
+
+__all__ = ["AQ_NAMES", "CalibrationConfig", "Config", "EvalConfig", "GptqConfig", "LoggingConfig",
+           "ModelConfig", "OutputConfig", "QuantConfig", "QuantOverride", "QuantRule", "TrainerConfig",
+           "load_config", "parse_overrides", "weight_format_names"]
+
+
+def _positive(path: str, **values) -> None:
+    for key, v in values.items():
+        if v is not None and v <= 0:
+            raise ConfigError(f"{path}.{key} must be > 0; got {v}")
+
+
+def _check_split(path: str, split: str) -> None:
+    from alphaquant.data_sources import parse_split   # lazy: it imports torch
+    parse_split(split, key=f"{path}.split")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""                                   # hub id (org/name) or a local directory; required
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"   # dtype the unquantized layers run in
+    lazy: bool = True                                # stream decoder layers from safetensors one at a time
+    tokenizer: str | None = None                     # tokenizer hub id / dir; default: model.path
+
+    def check(self, path: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{path}.path is required: a hub id like 'allenai/OLMoE-1B-7B-0924' "
+                              f"or a local model directory")
+
+
+@dataclass
+class CalibrationConfig:
+    # wikitext2 | c4 | a local .txt / .jsonl file | a token file (.pt / .npy / .bin)
+    dataset: str = "wikitext2"
+    split: str = "train"           # train | validation | test | all | "a:b" fractions ("0:0.9")
+    text_field: str = "text"       # the field holding the text in a .jsonl file
+    token_dtype: Literal["uint16", "uint32"] = "uint16"   # element type of a raw .bin token file
+    num_samples: int = 128         # random windows (GPTQ convention: random start offsets)
+    seq_len: int = 2048            # tokens per window
+    seed: int = 0                  # seeds the window offsets (torch.Generator)
+    batch_size: int = 1            # windows per forward pass
+    # routed: a token's input to an expert is weighted by its gate score (MoEQuant AGQ);
+    # uniform: every token routed to the expert counts 1; all_experts: every token through every expert
+    hessian: Literal["routed", "uniform", "all_experts"] = "routed"
+    min_tokens_warn: int = 256     # experts that saw fewer calibration tokens are listed in the log
+
+    def check(self, path: str) -> None:
+        _positive(path, num_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size)
+        if self.min_tokens_warn < 0:
+            raise ConfigError(f"{path}.min_tokens_warn must be >= 0; got {self.min_tokens_warn}")
+        if self.batch_size > self.num_samples:
+            raise ConfigError(f"{path}.batch_size ({self.batch_size}) must be <= "
+                              f"{path}.num_samples ({self.num_samples})")
+        _check_split(path, self.split)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True           # perplexity of the quantized model
+    before: bool = True            # also the perplexity of the unquantized model, for comparison
+    dataset: str = "wikitext2"     # same kinds of source as calibration.dataset
+    split: str = "test"
+    text_field: str = "text"
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    seq_len: int = 2048            # non-overlapping windows, remainder dropped (GPTQ convention)
+    max_windows: int | None = None  # null = all windows
+    batch_size: int = 1
+
+    def check(self, path: str) -> None:
+        _positive(path, seq_len=self.seq_len, max_windows=self.max_windows, batch_size=self.batch_size)
+        _check_split(path, self.split)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | Literal["auto"] = "auto"
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork"] = "auto"
+    num_nodes: int = 1
+
+    def check(self, path: str) -> None:
+        _positive(path, num_nodes=self.num_nodes,
+                  devices=self.devices if isinstance(self.devices, int) else None)
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "alphaquant"
+    entity: str | None = None
+    name: str | None = None        # default: the run name
+    dir: str = "logs"              # W&B writes under <dir>/wandb
+
+
+@dataclass
+class CsvConfig:
+    enabled: bool = True
+    dir: str = "logs"              # metrics.csv under <dir>/<run name>/
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    csv: CsvConfig = field(default_factory=CsvConfig)
+    log_every_n_steps: int = 1
+
+    def check(self, path: str) -> None:
+        _positive(path, log_every_n_steps=self.log_every_n_steps)
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None         # default: outputs/<run name>; written atomically
+    overwrite: bool = False        # replace an existing output dir (else it is an error)
+    save: bool = True              # write the quantized checkpoint
+    format: Literal["compressed-tensors", "dequantized"] = "compressed-tensors"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    gptq: GptqConfig = field(default_factory=GptqConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    name: str | None = None        # run name; default: last part of model.path
+    seed: int = 0                  # global seed (torch, python)
+
+    def check(self, path: str) -> None:
+        self.model.check("model")                    # model.path is required even if `model:` is absent
+        if self.name is None:
+            self.name = Path(self.model.path.rstrip("/")).name or "run"
+        if self.output.dir is None:
+            self.output.dir = os.path.join("outputs", self.name)
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain dicts/lists (YAML/JSON serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "the given dict") -> "Config":
+        return build(cls, data, source)
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """Command-line tokens -> (dotted key, raw value) pairs.
+
+    Accepts `--a.b value`, `--a.b=value` and `a.b=value`; a bool key given alone
+    (`--output.overwrite`) means true.
+
+        parse_overrides(["--calibration.num_samples", "16", "--output.overwrite"])
+        # [("calibration.num_samples", "16"), ("output.overwrite", "true")]
+    """
+    pairs, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        body = tok[2:] if tok.startswith("--") else tok
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        elif tok.startswith("--"):
+            key = body
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if has_value:
+                value, i = argv[i + 1], i + 2
+            elif check_key_path(Config, _split_key(key), tok) is bool:
+                value, i = "true", i + 1
+            else:
+                raise ConfigError(f"option {tok} needs a value, e.g. {tok} VALUE")
+        else:
+            raise ConfigError(f"unexpected command-line argument {tok!r}; options look like --section.key value")
+        pairs.append((key, value))
+    return pairs
+
+
+def _split_key(key: str) -> list[str]:
+    # quant.overrides[1].wq and quant.overrides.1.wq are the same key
+    return key.replace("[", ".").replace("]", "").split(".")
+
+
+def _set(data: dict, keys: list[str], value, flag: str) -> None:
+    node = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            idx = int(key)
+            if idx >= len(node):
+                raise ConfigError(f"{flag}: index {idx} is out of range; '{'.'.join(keys[:i])}' has {len(node)} entries")
+            key = idx
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{flag}: '{'.'.join(keys[:i])}' is not a section")
+        if last:
+            node[key] = value
+        else:
+            if not isinstance(node, list) and node.get(key) is None:
+                if keys[i + 1].isdigit():
+                    raise ConfigError(f"{flag}: index {keys[i + 1]} is out of range; "
+                                      f"'{'.'.join(keys[:i + 1])}' has no entries")
+                node[key] = {}
+            node = node[key]
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read `path` (YAML), apply command-line `overrides`, validate; raises ConfigError.
+
+    Values on the command line are parsed as YAML (`16` is an int, `null` is None,
+    `'[{pattern: lm_head, skip: true}]'` a list); the command line wins over the file.
+    Errors say whether the bad value came from the file or from the command line.
+    """
+    data: dict = {}
+    label = "the defaults"
+    if path is not None:
+        p, label = Path(path), str(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist" if not p.exists()
+                              else f"config path '{path}' is not a file")
+        data = yaml_load(p.read_text(), label)
+        if data is None:
+            data = {}
+    cli: dict[str, str] = {}                    # key path as in messages -> flag
+    for key, raw in parse_overrides(list(overrides)):
+        flag = f"--{key}"
+        keys = _split_key(key)
+        check_key_path(Config, keys, flag)
+        value = raw if raw == "" else yaml_load(raw, f"the value of {flag}")
+        _set(data, keys, value, flag)
+        cli[_message_path(keys)] = flag
+
+    def source(p: str) -> str:
+        for k, flag in cli.items():
+            if p == k or p.startswith((k + ".", k + "[")):
+                return f"the command line, {flag}"
+        if any(k.startswith((p + ".", p + "[")) for k in cli):
+            return f"{label} + the command line"
+        return label
+
+    return build(Config, data, source)
+
+
+def _message_path(keys: list[str]) -> str:
+    out = ""
+    for k in keys:
+        out = f"{out}[{k}]" if k.isdigit() else (f"{out}.{k}" if out else k)
+    return out

@@ -1,0 +1,120 @@
+"""Calibration and evaluation token windows (pure torch + a transformers tokenizer).
+
+GPTQ conventions: calibration = `num_samples` windows of `seq_len` tokens at random start
+offsets (seeded `torch.Generator`, so the same seed gives the same windows); evaluation = the
+token stream cut into non-overlapping `seq_len` windows, the remainder dropped.
+
+    tokens = load_tokens("data/corpus.txt", "train", tokenizer, vocab_size=50304)
+    calib = calibration_windows(tokens, num_samples=128, seq_len=2048, seed=0)  # [128, 2048]
+    test = eval_windows(load_tokens("data/corpus.txt", "test", tokenizer), 2048)  # [n, 2048]
+
+Or everything a run needs from the config at once:
+
+    windows = build_windows(cfg, tokenizer, vocab_size=50304, max_pos=4096)
+    windows["calib"].shape, windows["eval"].shape
+"""
+from __future__ import annotations
+
+import torch
+
+from alphaquant.data_sources import (TOKEN_SUFFIXES, load_text, load_token_file, parse_split,
+                                     split_text, split_tokens)
+from alphaquant.errors import ConfigError, DataError
+
+__all__ = ["build_windows", "calibration_windows", "check_seq_len", "check_vocab", "eval_windows",
+           "load_text", "load_token_file", "load_tokens", "parse_split", "split_text", "split_tokens",
+           "tokenize"]
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    """1-D LongTensor of `tokenizer(text)` ids (special tokens as the tokenizer adds them, as GPTQ)."""
+    enc = tokenizer(text, return_attention_mask=False, verbose=False)
+    return torch.as_tensor(enc["input_ids"], dtype=torch.long).reshape(-1)
+
+
+def check_vocab(tokens: torch.Tensor, vocab_size: int | None, source: str) -> None:
+    """DataError when a token id is negative or >= vocab_size (a file made by another tokenizer)."""
+    if vocab_size is None or tokens.numel() == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if hi >= vocab_size or lo < 0:
+        bad = hi if hi >= vocab_size else lo
+        raise DataError(f"{source} holds token id {bad} but the model's vocab_size is {vocab_size} "
+                        f"(ids must be in 0..{vocab_size - 1}); was it tokenized for another model?")
+
+
+def check_seq_len(seq_len: int, max_pos: int | None, key: str = "calibration.seq_len") -> None:
+    """ConfigError when windows are longer than the model's max_position_embeddings."""
+    if max_pos is not None and seq_len > max_pos:
+        raise ConfigError(f"{key} is {seq_len} but the model's max_position_embeddings is {max_pos}; "
+                          f"set {key} to at most {max_pos}")
+
+
+def load_tokens(source: str, split: str, tokenizer=None, *, text_field: str = "text",
+                token_dtype: str = "uint16", vocab_size: int | None = None,
+                key: str = "calibration.dataset") -> torch.Tensor:
+    """1-D LongTensor of the token ids of `source`'s `split` (text is tokenized, token files read)."""
+    if str(source).endswith(TOKEN_SUFFIXES):
+        tokens = load_token_file(source, split, token_dtype, key=key)
+    else:
+        if tokenizer is None:
+            raise ValueError(f"{key} {source!r} is text and needs a tokenizer")
+        tokens = tokenize(load_text(source, split, text_field, key=key), tokenizer)
+    where = f"{key} '{source}' (split {split!r})"
+    if tokens.numel() == 0:
+        raise DataError(f"{where} holds no tokens")
+    check_vocab(tokens, vocab_size, where)
+    return tokens
+
+
+def _too_short(tokens: torch.Tensor, seq_len: int, source: str) -> DataError:
+    return DataError(f"{source} has {tokens.numel()} tokens, fewer than one window of "
+                     f"seq_len {seq_len}; use more text or a smaller seq_len")
+
+
+def calibration_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0,
+                        source: str = "the calibration data") -> torch.Tensor:
+    """[num_samples, seq_len] windows at seeded random offsets in [0, len - seq_len].
+
+    >>> calibration_windows(torch.arange(100), 3, 8, seed=0).shape
+    torch.Size([3, 8])
+    """
+    n = tokens.numel()
+    if n < seq_len:
+        raise _too_short(tokens, seq_len, source)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - seq_len + 1, (num_samples,), generator=g)     # (N,)
+    return tokens.reshape(-1)[starts[:, None] + torch.arange(seq_len)]          # (N, T)
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None,
+                 source: str = "the evaluation data") -> torch.Tensor:
+    """[n, seq_len] consecutive non-overlapping windows; the last partial window is dropped.
+
+    >>> eval_windows(torch.arange(10), 4).tolist()
+    [[0, 1, 2, 3], [4, 5, 6, 7]]
+    """
+    n = tokens.numel() // seq_len
+    if n == 0:
+        raise _too_short(tokens, seq_len, source)
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return tokens.reshape(-1)[: n * seq_len].reshape(n, seq_len)
+
+
+def build_windows(cfg, tokenizer, vocab_size: int | None = None,
+                  max_pos: int | None = None) -> dict[str, torch.Tensor]:
+    """{"calib": [N, T], "eval": [M, T'] (when cfg.eval.enabled)} from a `Config`."""
+    cal, ev = cfg.calibration, cfg.eval
+    check_seq_len(cal.seq_len, max_pos, "calibration.seq_len")
+    tokens = load_tokens(cal.dataset, cal.split, tokenizer, text_field=cal.text_field,
+                         token_dtype=cal.token_dtype, vocab_size=vocab_size, key="calibration.dataset")
+    out = {"calib": calibration_windows(tokens, cal.num_samples, cal.seq_len, cal.seed,
+                                        source=f"calibration.dataset '{cal.dataset}' (split {cal.split!r})")}
+    if ev.enabled:
+        check_seq_len(ev.seq_len, max_pos, "eval.seq_len")
+        tokens = load_tokens(ev.dataset, ev.split, tokenizer, text_field=ev.text_field,
+                             token_dtype=ev.token_dtype, vocab_size=vocab_size, key="eval.dataset")
+        out["eval"] = eval_windows(tokens, ev.seq_len, ev.max_windows,
+                                   source=f"eval.dataset '{ev.dataset}' (split {ev.split!r})")
+    return out

@@ -1,0 +1,144 @@
+"""The `quant` and `gptq` sections of the config: what each module becomes, and solver knobs.
+
+    quant:
+      default: {wq: int4, group_size: 128, sym: true, aq: bf16}
+      overrides:                                   # applied in order: a later rule wins,
+        - {pattern: "*.mlp.experts.*", wq: mxfp4/32}   # field by field (it sets only what it names)
+        - {pattern: "*.mlp.experts.*.down_proj", group_size: 64}
+        - {pattern: "*.mlp.gate", skip: true}
+    gptq: {block_size: 128, damp: 0.01, act_order: false}
+
+`wq: NAME/G` is shorthand for `wq: NAME, group_size: G`. `group_size: -1` means one scale per
+output row (per channel). Patterns are `fnmatch` globs on full module names; `alphaquant.recipe`
+resolves them against the model's modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from alphaquant.errors import ConfigError
+from alphaquant.schema import closest
+
+# TODO(lead): alphaquant.formats exports FORMAT_NAMES; this copy is used only until it does.
+_WQ_FALLBACK = ("int2", "int3", "int4", "int5", "int6", "int7", "int8",
+                "mxfp4", "mxfp6", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8", "mxfp8_e4m3", "mxfp8_e5m2",
+                "mxint8", "nvfp4", "fp8_e4m3", "bf16", "fp16")
+
+# activation formats: bf16/fp16/none = activations are not quantized; the rest per token
+AQ_NAMES = ("bf16", "fp16", "none", "fp8_e4m3", "mxfp8", "mxfp6", "mxfp4", "int8")
+AqName = Literal["bf16", "fp16", "none", "fp8_e4m3", "mxfp8", "mxfp6", "mxfp4", "int8"]
+RULE_FIELDS = ("wq", "aq", "group_size", "sym", "skip")
+
+
+def weight_format_names() -> tuple[str, ...]:
+    """The weight format names `alphaquant.formats.get_format` accepts."""
+    try:
+        from alphaquant.formats import FORMAT_NAMES
+    except ImportError:
+        return _WQ_FALLBACK
+    return tuple(FORMAT_NAMES)
+
+
+def split_wq(wq: str, group_size: int | None, path: str) -> tuple[str, int | None]:
+    """"mxfp4/32" -> ("mxfp4", 32); checks the name and a clash with an explicit group_size."""
+    name, sep, group = wq.partition("/")
+    names = weight_format_names()
+    if name not in names:
+        raise ConfigError(f"{path}.wq must be one of {', '.join(names)} (optionally NAME/GROUP, "
+                          f"e.g. 'mxfp4/32'); got {wq!r}{closest(name, names)}")
+    if not sep:
+        return name, group_size
+    try:
+        g = int(group)
+    except ValueError:
+        raise ConfigError(f"{path}.wq {wq!r}: the part after '/' must be a group size such as 32") from None
+    if group_size is not None and group_size != g:
+        raise ConfigError(f"{path}.wq {wq!r} says group size {g} but {path}.group_size is {group_size}; "
+                          f"give one of them")
+    return name, g
+
+
+def check_group_size(path: str, group_size: int | None) -> None:
+    if group_size is not None and not (group_size == -1 or group_size > 0):
+        raise ConfigError(f"{path}.group_size must be -1 (one group per row) or > 0; got {group_size}")
+
+
+@dataclass
+class QuantRule:
+    """`quant.default`: the spec of every module no override touches."""
+
+    wq: str = "int4"               # weight format (see weight_format_names) or NAME/GROUP
+    aq: AqName = "bf16"            # activation format
+    group_size: int | None = None  # elements per scale; -1 = per row; null = from wq shorthand, else 128
+    sym: bool = True               # symmetric (no zero point); only integer formats have a choice
+    skip: bool = False             # keep the module's original weights
+
+    def check(self, path: str) -> None:
+        self.wq, g = split_wq(self.wq, self.group_size, path)
+        self.group_size = 128 if g is None else g
+        check_group_size(path, self.group_size)
+
+
+@dataclass
+class QuantOverride:
+    """One entry of `quant.overrides`: a glob and the fields it sets (null = inherit)."""
+
+    pattern: str = ""
+    wq: str | None = None
+    aq: AqName | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+    skip: bool | None = None
+
+    def fields_set(self) -> dict:
+        """The rule fields this override names: {"wq": "mxfp4", "group_size": 32}."""
+        return {k: getattr(self, k) for k in RULE_FIELDS if getattr(self, k) is not None}
+
+    def check(self, path: str) -> None:
+        if not self.pattern:
+            raise ConfigError(f"{path}.pattern is required: a glob on module names such as '*.mlp.experts.*'")
+        if self.wq is not None:
+            self.wq, self.group_size = split_wq(self.wq, self.group_size, path)
+        check_group_size(path, self.group_size)
+        set_ = self.fields_set()
+        if not set_:
+            raise ConfigError(f"{path} (pattern {self.pattern!r}) sets no field; give at least one of "
+                              f"{', '.join(RULE_FIELDS)}")
+        if self.skip and len(set_) > 1:
+            others = ", ".join(k for k in set_ if k != "skip")
+            raise ConfigError(f"{path} (pattern {self.pattern!r}) sets skip: true and also {others}; "
+                              f"a skipped module keeps its original weights, so drop {others}")
+
+
+@dataclass
+class QuantConfig:
+    default: QuantRule = field(default_factory=QuantRule)
+    overrides: list[QuantOverride] = field(default_factory=list)   # in order; later rules win
+
+    def __post_init__(self):
+        if self.default.group_size is None:          # built in code, not from YAML
+            self.default.check("quant.default")
+
+    def check(self, path: str) -> None:
+        seen: dict[str, int] = {}
+        for i, o in enumerate(self.overrides):
+            if o.pattern in seen:
+                raise ConfigError(f"{path}.overrides[{i}] repeats the pattern {o.pattern!r} of "
+                                  f"{path}.overrides[{seen[o.pattern]}]; merge the two rules")
+            seen[o.pattern] = i
+
+
+@dataclass
+class GptqConfig:
+    block_size: int = 128          # columns per lazy-batch block
+    damp: float = 0.01             # H += damp * mean(diag H) * I
+    act_order: bool = False        # columns in descending diag(H) order
+    static_groups: bool = True     # with act_order: group scales fixed from the original W
+    true_sequential: bool = True   # q/k/v, then o, then gate/up, then down, each on quantized inputs
+
+    def check(self, path: str) -> None:
+        if self.block_size <= 0:
+            raise ConfigError(f"{path}.block_size must be > 0; got {self.block_size}")
+        if not 0.0 <= self.damp <= 1.0:
+            raise ConfigError(f"{path}.damp must be between 0 and 1 (0.01 is usual); got {self.damp}")

@@ -1,0 +1,206 @@
+"""The quantization recipe: the `quant` config resolved to one `QuantSpec` per linear module.
+
+Rules apply in order: `quant.default` first, then each `quant.overrides[i]` whose `pattern`
+(an `fnmatch` glob on the FULL module name) matches; a later rule wins, field by field: an
+override changes only the fields it names. Checked here, before any weight is loaded:
+every pattern matches some module, every group size divides its module's in_features.
+
+    specs = resolve_recipe(cfg.quant, [("model.layers.0.mlp.experts.0.up_proj", 2048, 1024),
+                                       ("model.layers.0.mlp.gate", 2048, 64), ("lm_head", 2048, 50304)])
+    specs["model.layers.0.mlp.gate"].skip        # True with a {pattern: "*.mlp.gate", skip: true} rule
+    format_counts(specs)                          # {"mxfp4/g32": 1, "skip": 2}
+    for row in plan_table(specs): print(row)      # layer/expert indices collapsed to '*'
+
+Glob notes: `*.mlp.gate` matches `model.layers.3.mlp.gate` but not `...mlp.gate_proj`;
+`*` also crosses dots, so `*.experts.*` matches every expert projection of every layer.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from alphaquant.errors import ConfigError
+from alphaquant.quant_config import RULE_FIELDS, QuantConfig, QuantOverride, QuantRule, check_group_size, split_wq
+
+IDENTITY_FORMATS = ("bf16", "fp16")        # weights kept as they are: no groups, no GPTQ
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What one linear module becomes."""
+
+    wq: str                                # weight format name ("int4", "mxfp4", ...)
+    group_size: int                        # elements per scale along in_features; -1 = per row
+    sym: bool
+    aq: str                                # activation format ("bf16" / "none" = unquantized)
+    skip: bool                             # keep the original weights
+    rule: str = "quant.default"            # the last rule that changed a field of this module
+    shape: tuple[int, int] = (0, 0)        # (out_features, in_features) of the weight
+
+    @property
+    def quantized(self) -> bool:
+        return not self.skip and self.wq not in IDENTITY_FORMATS
+
+    @property
+    def label(self) -> str:
+        """Short name for counts and tables: "skip", "bf16", "int4/g128", "int4/g128-asym"."""
+        if self.skip:
+            return "skip"
+        if self.wq in IDENTITY_FORMATS:
+            return self.wq
+        out = f"{self.wq}/g{self.group_size}" if self.group_size != -1 else f"{self.wq}/row"
+        if not self.sym and self.wq.startswith("int"):
+            out += "-asym"
+        return out if self.aq in ("bf16", "fp16", "none") else f"{out}+a{self.aq}"
+
+
+def _default_fields(rule: QuantRule) -> dict:
+    wq, g = split_wq(rule.wq, rule.group_size, "quant.default")   # accepts rules built in code
+    g = 128 if g is None else g
+    check_group_size("quant.default", g)
+    return {"wq": wq, "aq": rule.aq, "group_size": g, "sym": rule.sym, "skip": rule.skip}
+
+
+def _override_fields(o: QuantOverride, path: str) -> dict:
+    if not o.pattern:
+        raise ConfigError(f"{path}.pattern is required: a glob on module names such as '*.mlp.experts.*'")
+    o = QuantOverride(**{k: getattr(o, k) for k in ("pattern",) + RULE_FIELDS})
+    o.check(path)                                                   # empty / conflicting rules
+    return o.fields_set()
+
+
+def resolve_recipe(quant_cfg: QuantConfig, modules: list[tuple[str, int, int]]) -> dict[str, QuantSpec]:
+    """{module name: QuantSpec} for `modules` = [(name, in_features, out_features), ...]."""
+    names = [m[0] for m in modules]
+    base = _default_fields(quant_cfg.default)
+    fields = {n: dict(base) for n in names}
+    set_by = {n: dict.fromkeys(RULE_FIELDS, "quant.default") for n in names}
+    last = dict.fromkeys(names, "quant.default")
+    for i, o in enumerate(quant_cfg.overrides):
+        path = f"quant.overrides[{i}]"
+        changes = _override_fields(o, path)
+        hits = [n for n in names if fnmatchcase(n, o.pattern)]
+        if not hits:
+            near = difflib.get_close_matches(o.pattern, names, n=2, cutoff=0.0)
+            raise ConfigError(f"{path}.pattern {o.pattern!r} matches no module; names look like "
+                              f"{', '.join(map(repr, near))} (globs match the full name)")
+        label = f"{path} ({o.pattern!r})"
+        for n in hits:
+            fields[n].update(changes)
+            set_by[n].update(dict.fromkeys(changes, label))
+            last[n] = label
+    specs = {}
+    for name, in_f, out_f in modules:
+        spec = QuantSpec(**fields[name], rule=last[name], shape=(out_f, in_f))
+        g = spec.group_size
+        if spec.quantized and g != -1 and in_f % g:
+            src = set_by[name]["group_size"]
+            raise ConfigError(f"group_size {g} (set by {src}) does not divide in_features {in_f} of "
+                              f"module {name!r}; use a divisor of {in_f} or -1 (one group per row)")
+        specs[name] = spec
+    check_formats(specs)
+    return specs
+
+
+def build_format(spec: QuantSpec):
+    """The `alphaquant.formats` Format of `spec`, or None for a skipped/bf16/fp16 module."""
+    if not spec.quantized:
+        return None
+    from alphaquant.formats import get_format        # lazy: formats is a heavier layer
+    if spec.wq.startswith("int"):                     # only integer formats have a zero point
+        return get_format(spec.wq, group_size=spec.group_size, sym=spec.sym)
+    return get_format(spec.wq, group_size=spec.group_size)
+
+
+def check_formats(specs: dict[str, QuantSpec]) -> None:
+    """Build each distinct format once so a bad option fails now, naming the rule that set it."""
+    try:
+        from alphaquant.formats.base import FormatError
+        import alphaquant.formats as formats
+        formats.get_format                            # noqa: B018 - absent while formats is being written
+    except (ImportError, AttributeError):
+        return                                        # TODO(lead): drop once alphaquant.formats exists
+    seen = set()
+    for name, spec in specs.items():
+        key = (spec.wq, spec.group_size, spec.sym)
+        if not spec.quantized or key in seen:
+            continue
+        seen.add(key)
+        try:
+            build_format(spec)
+        except (FormatError, ValueError) as e:
+            raise ConfigError(f"module {name!r} (rule {spec.rule}): {e}") from None
+
+
+# --- plan printout and size estimates ----------------------------------------------------
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def _elem_bits(wq: str) -> int:
+    if wq in IDENTITY_FORMATS:
+        return 16
+    m = re.match(r"int(\d)$", wq)
+    if m:
+        return int(m.group(1))
+    return 4 if "fp4" in wq else 6 if "fp6" in wq else 8
+
+
+def _scale_bits(wq: str) -> int:
+    # int: fp16 scale; MX: E8M0 exponent; NVFP4: FP8 block scale; fp8_e4m3: fp32 scale
+    return 16 if wq.startswith("int") else 8 if wq.startswith(("mx", "nv")) else 32
+
+
+def weight_bytes(spec: QuantSpec, orig_bits: int = 16) -> int:
+    """Bytes of the stored weight of one module: elements x bits + per-group scales (+ zeros)."""
+    out_f, in_f = spec.shape
+    n = out_f * in_f
+    if not spec.quantized:
+        return math.ceil(n * (orig_bits if spec.skip else 16) / 8)
+    groups = out_f * (1 if spec.group_size == -1 else in_f // spec.group_size)
+    e = _elem_bits(spec.wq)
+    per_group = _scale_bits(spec.wq) + (e if spec.wq.startswith("int") and not spec.sym else 0)
+    tensor = 32 if spec.wq == "nvfp4" else 0              # NVFP4's fp32 per-tensor scale
+    return math.ceil((n * e + groups * per_group + tensor) / 8)
+
+
+def estimate_memory(specs: dict[str, QuantSpec], orig_bits: int = 16) -> dict:
+    """{"quantized_bytes", "original_bytes", "ratio", "by_label": {label: bytes}}."""
+    by_label: Counter = Counter()
+    for s in specs.values():
+        by_label[s.label] += weight_bytes(s, orig_bits)
+    orig = sum(math.ceil(s.shape[0] * s.shape[1] * orig_bits / 8) for s in specs.values())
+    total = sum(by_label.values())
+    return {"quantized_bytes": total, "original_bytes": orig,
+            "ratio": total / orig if orig else 1.0, "by_label": dict(by_label)}
+
+
+def format_counts(specs: dict[str, QuantSpec]) -> dict[str, int]:
+    """{label: number of modules}, most common first."""
+    return dict(Counter(s.label for s in specs.values()).most_common())
+
+
+def plan_table(specs: dict[str, QuantSpec]) -> list[dict]:
+    """One row per (name with layer/expert indices as '*', spec), in first-seen order."""
+    rows: dict[tuple, dict] = {}
+    for name, s in specs.items():
+        key = (_INDEX.sub("*", name), s.label, s.aq, s.rule, s.shape)
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = {"modules": key[0], "count": 0, "format": s.label, "aq": s.aq,
+                               "shape": s.shape, "rule": s.rule, "bytes": 0}
+        row["count"] += 1
+        row["bytes"] += weight_bytes(s)
+    return list(rows.values())
+
+
+def render_plan(rows: list[dict]) -> str:
+    """Plain-text table of `plan_table` rows for --dry-run."""
+    head = ("modules", "count", "format", "aq", "shape", "MiB", "rule")
+    body = [(r["modules"], str(r["count"]), r["format"], r["aq"], "x".join(map(str, r["shape"])),
+             f"{r['bytes'] / 2**20:.2f}", r["rule"]) for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body))
