@@ -88,6 +88,7 @@ class CalibrationConfig:
 class EvalConfig:
     enabled: bool = True           # perplexity of the quantized model
     before: bool = True            # also the perplexity of the unquantized model, for comparison
+    rtn: bool = False              # also round-to-nearest with the same recipe (a baseline for GPTQ)
     dataset: str = "wikitext2"     # same kinds of source as calibration.dataset
     split: str = "test"
     text_field: str = "text"

@@ -1,0 +1,63 @@
+"""Atomic output directories: write into a temporary sibling, rename into place at the end.
+
+A run that fails or is killed leaves no partial output under the requested name, and an
+existing directory is never replaced unless the user asked for it (`--overwrite`).
+
+    with AtomicDir("out/olmoe-w4", overwrite=False) as tmp:
+        write files into tmp ...
+    # out/olmoe-w4 now exists, complete
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from alphaquant.errors import UserError
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early (before any work) if the output cannot be written."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise UserError(f"output.dir {str(out)!r} already exists; pass --overwrite to replace it "
+                        f"or choose another output.dir")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output.dir {str(out)!r} exists and is not a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"output.dir {str(out)!r} cannot be created: {str(probe)!r} is not writable")
+    return out
+
+
+class AtomicDir:
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.path = check_output_dir(path, overwrite)
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.path.exists():
+            if not self.overwrite:          # appeared while we worked
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise UserError(f"output.dir {str(self.path)!r} appeared during the run; "
+                                f"the result was not written (pass --overwrite to replace it)")
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+        return False

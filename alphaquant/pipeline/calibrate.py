@@ -1,0 +1,87 @@
+"""Wire the Lightning pieces together and walk the model; write the checkpoint atomically."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from alphaquant.pipeline.datamodule import WindowDataModule
+from alphaquant.pipeline.progress import LayerProgress
+from alphaquant.pipeline.report import expert_token_table, layer_error_table
+from alphaquant.pipeline.trainer import build_loggers, build_trainer, quiet_lightning
+from alphaquant.pipeline.walker import LayerWalker, WalkOptions, peak_memory
+
+
+def build_and_walk(session, writer_factory) -> dict:
+    from callbacks.hessian import HessianCollector
+    from callbacks.perplexity import PerplexityCallback
+    from callbacks.solve import GPTQSolve
+
+    cfg, adapter = session.cfg, session.adapter
+    quiet_lightning()
+    collector = HessianCollector(adapter, mode=cfg.calibration.hessian)
+    g = cfg.gptq
+    solver = GPTQSolve(collector, session.specs, adapter.layer_prefix,
+                       dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order,
+                            static_groups=g.static_groups))
+    ppl = PerplexityCallback()
+    loggers = build_loggers(cfg, session.name)
+    trainer = build_trainer(cfg, [collector, solver, ppl], loggers)
+    session.trainer, session.loggers = trainer, loggers
+    dm = WindowDataModule(session.windows, batch_size=cfg.calibration.batch_size)
+    opts = WalkOptions(true_sequential=g.true_sequential, evaluate=cfg.eval.enabled,
+                       eval_before=cfg.eval.before, eval_rtn=cfg.eval.rtn)
+    rank0 = trainer.global_rank == 0
+    n_layers = adapter.num_layers(session.model)
+    progress = LayerProgress(n_layers, enabled=rank0)
+
+    def on_layer_end(i, stats):
+        progress.layer_done(i, stats)
+        rows = layer_error_table({k: r for k, r in solver.records.items()}, [stats])
+        for lg in loggers:
+            lg.log_metrics({"layer/seconds": stats.seconds, "layer/mean_rel_error": rows[0]["mean_rel_error"],
+                            "layer/max_rel_error": rows[0]["max_rel_error"]}, step=i)
+
+    out = session.out_dir if (writer_factory and rank0) else None
+    t0 = time.perf_counter()
+    with (_atomic(out, cfg.output.overwrite)) as tmp, progress:
+        writer = writer_factory(tmp, solver.records) if tmp is not None else None
+        walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
+                             solver=solver, perplexity=ppl, opts=opts, writer=writer,
+                             on_layer_end=on_layer_end, progress=progress.group_done)
+        perplexity = walker.run()
+        results = {
+            "run": session.name, "model": cfg.model.path, "family": adapter.family,
+            "perplexity": {_PPL_NAMES[k]: v for k, v in perplexity.items()},
+            "layers": layer_error_table(solver.records, walker.layer_stats),
+            "experts": expert_token_table(solver.records, cfg.calibration.min_tokens_warn),
+            "fallbacks": {n: r.fallback for n, r in solver.records.items() if r.fallback},
+            "calibration_tokens": int(session.windows["calib"].numel()),
+            "seconds_walk": time.perf_counter() - t0, "solve_seconds": solver.solve_seconds,
+            "memory": peak_memory(), "output_dir": str(out) if out else None,
+            "modules": {n: {"format": r.spec.label, "tokens": r.tokens, "rel_error": r.rel_error,
+                            "loss": r.loss, "fallback": r.fallback} for n, r in solver.records.items()},
+        }
+        if writer is not None:
+            writer.finish(extra_files={"alphaquant_recipe.json": _recipe_json(session),
+                                       "alphaquant_summary.json": results})
+    results["records"] = solver.records
+    return results
+
+
+_PPL_NAMES = {"eval_fp": "original", "eval_rtn": "rtn", "eval_q": "quantized"}
+
+
+def _recipe_json(session) -> dict:
+    return {"config": session.cfg.to_dict(),
+            "modules": {n: {"wq": s.wq, "group_size": s.group_size, "sym": s.sym, "aq": s.aq, "skip": s.skip,
+                            "rule": s.rule} for n, s in session.specs.items()}}
+
+
+@contextlib.contextmanager
+def _atomic(out, overwrite):
+    if out is None:
+        yield None
+        return
+    from alphaquant.export.atomic import AtomicDir
+    with AtomicDir(out, overwrite=overwrite) as tmp:
+        yield tmp

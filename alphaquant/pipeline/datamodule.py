@@ -1,0 +1,25 @@
+"""The LightningDataModule: calibration and evaluation token windows as sample indices.
+
+A predict pass iterates over the indices of one stream; the layer inputs themselves live in
+`SampleStore`s on the runner (they change from layer to layer, the indices do not). Under
+DDP, Lightning wraps the sampler so each rank gets a fixed, disjoint share of the indices
+(`UnrepeatedDistributedSampler`: ranks may get uneven counts), and the same share on every
+pass, so each rank's store stays consistent.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+
+class WindowDataModule(L.LightningDataModule):
+    def __init__(self, windows: dict[str, torch.Tensor], batch_size: int = 1):
+        super().__init__()
+        self.windows = windows            # stream name -> [N, T] long token windows
+        self.batch_size = batch_size
+        self.stream = "calib"
+
+    def predict_dataloader(self) -> DataLoader:
+        n = self.windows[self.stream].shape[0]
+        return DataLoader(torch.arange(n), batch_size=self.batch_size, shuffle=False)

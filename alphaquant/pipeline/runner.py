@@ -1,0 +1,58 @@
+"""The LightningModule: runs ONE decoder layer (or the LM head) over cached inputs.
+
+The whole model is never registered on this module: only the block being calibrated or
+evaluated is, so Lightning moves just that block to the accelerator. The walker
+(`walker.py`) swaps the block between `trainer.predict` calls and sets what a pass does:
+
+- phase "collect":   run the layer; callbacks hook the inputs of one true-sequential
+                     group of linears and accumulate Hessians; outputs are dropped.
+- phase "propagate": run the layer and store its outputs as the next layer's inputs.
+- phase "head":      run final norm + lm_head and return logits for the perplexity callback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from alphaquant.pipeline.stores import SampleStore
+
+
+@dataclass
+class PassPlan:
+    """What the current predict pass does; callbacks read it from `runner.plan`."""
+
+    phase: str                      # "collect" | "propagate" | "head"
+    stream: str                     # which SampleStore: "calib", "eval_fp", "eval_q", ...
+    layer_index: int = -1
+    group_index: int = -1
+    group: list[str] = field(default_factory=list)   # linear names (relative to the layer) to calibrate
+
+
+class LayerRunner(L.LightningModule):
+    def __init__(self, layer_kwargs: Callable[[torch.Tensor], dict]):
+        super().__init__()
+        self.block: nn.Module | None = None          # the only registered submodule
+        self.layer_kwargs = layer_kwargs             # hidden [B, T, H] -> kwargs for layer(...)
+        self.stores: dict[str, SampleStore] = {}
+        self.plan = PassPlan("propagate", "calib")
+
+    def set_block(self, block: nn.Module, plan: PassPlan) -> None:
+        # Assigning through nn.Module registers the block (and drops the previous one).
+        self.block = block
+        self.plan = plan
+
+    @torch.no_grad()
+    def predict_step(self, batch: torch.Tensor, batch_idx: int):
+        store = self.stores[self.plan.stream]
+        idx = batch                                               # [B] sample indices
+        hidden = store.get(idx, self.device)                      # [B, T, H]
+        if self.plan.phase == "head":
+            return {"idx": idx, "logits": self.block(hidden)}     # [B, T, V]
+        out = self.block(hidden, **self.layer_kwargs(hidden))     # [B, T, H]
+        if self.plan.phase == "propagate":
+            store.put(idx, out)
+        return {"idx": idx}

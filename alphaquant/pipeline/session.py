@@ -1,0 +1,111 @@
+"""One calibration run: prepare (no weights read), run the layer walk, finish (summary, files).
+
+    session = CalibrationSession(cfg)
+    session.prepare()        # model skeleton on meta, recipe, output dir checks
+    session.run()            # data, trainer, layer walk, checkpoint written atomically
+    session.finish(seconds)  # summary table, JSON, loggers
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from alphaquant.errors import UserError
+from alphaquant.export.atomic import AtomicDir, check_output_dir
+from alphaquant.recipe import check_formats, estimate_memory, format_counts, plan_table, render_plan, resolve_recipe
+
+OUTSIDE_LAYERS = "kept: AlphaQuant calibrates the linears of decoder layers (not routers, gates, lm_head)"
+
+
+class CalibrationSession:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.name = cfg.name or cfg.model.path.rstrip("/").split("/")[-1]
+        self.out_dir = Path(cfg.output.dir or f"outputs/{self.name}")
+        self.results: dict = {}
+
+    # -- before any weight is read ----------------------------------------------------------
+    def prepare(self) -> None:
+        import models
+        from alphaquant.arch import get_adapter
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if cfg.output.save:
+            check_output_dir(self.out_dir, cfg.output.overwrite)
+        # lazy: decoder layers stay on the meta device; shapes are all the recipe needs
+        self.model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, lazy=cfg.model.lazy)
+        self.adapter = get_adapter(self.model)
+        self.specs = resolve_recipe(cfg.quant, self.adapter.linear_modules(self.model))
+        check_formats(self.specs)
+        self.specs = self._only_calibrated(self.specs)
+
+    def _only_calibrated(self, specs):
+        """Linears outside the true-sequential groups (routers, shared-expert gates, lm_head)
+        are never solved: mark them kept so the plan and the checkpoint say what happens."""
+        solved = set()
+        for i, layer in enumerate(self.adapter.decoder_layers(self.model)):
+            prefix = self.adapter.layer_prefix(i)
+            solved.update(prefix + n for g in self.adapter.sequential_groups(layer) for n in g)
+        return {n: s if (n in solved or s.skip) else dataclasses.replace(s, skip=True, rule=OUTSIDE_LAYERS)
+                for n, s in specs.items()}
+
+    def print_plan(self) -> None:
+        mem = estimate_memory(self.specs)
+        print(render_plan(plan_table(self.specs)))
+        print("\nmodules per format: " + ", ".join(f"{k}: {v}" for k, v in format_counts(self.specs).items()))
+        print(f"linear weights: {mem['original_bytes'] / 2**20:.1f} MiB -> {mem['quantized_bytes'] / 2**20:.1f} MiB "
+              f"({mem['ratio']:.2f}x smaller)")
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        from alphaquant.data import build_windows
+        from alphaquant.pipeline.calibrate import build_and_walk
+
+        cfg = self.cfg
+        tokenizer = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        mc = self.model.config
+        self.windows = build_windows(cfg, tokenizer, vocab_size=mc.vocab_size,
+                                     max_pos=getattr(mc, "max_position_embeddings", None))
+        self.results = build_and_walk(self, self._writer_factory())
+
+    def _writer_factory(self):
+        if not self.cfg.output.save:
+            return None
+
+        def make(tmp, records):
+            from alphaquant.export import QuantizedCheckpointWriter, DequantizedCheckpointWriter
+            cls = QuantizedCheckpointWriter if self.cfg.output.format == "compressed-tensors" else DequantizedCheckpointWriter
+            return cls(tmp, self.model, self.specs, records, source_dir=_local_dir(self.cfg.model.path))
+        return make
+
+    def finish(self, seconds: float) -> None:
+        from alphaquant.pipeline.summary import finish_run
+        finish_run(self, seconds)
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()   # it warns about model types it does not know (deepseek)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.tokenizer: no tokenizer could be loaded from {path!r} ({str(e).splitlines()[0]}); "
+                        f"point model.tokenizer at a directory with tokenizer.json") from None
+
+
+def _local_dir(path: str):
+    p = Path(path)
+    return p if p.is_dir() else None
+
+
+def dump_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+__all__ = ["CalibrationSession", "AtomicDir", "dump_json"]

@@ -1,0 +1,145 @@
+"""The layer walk: for each decoder layer, collect -> solve -> propagate, as predict passes.
+
+    for layer i:
+        load its weights (lazy models stream them from the checkpoint)
+        propagate the fp evaluation stream through the original layer      (ppl before)
+        [propagate the RTN stream through a round-to-nearest copy]         (ppl RTN)
+        for each true-sequential group: collect Hessians, solve (callbacks)
+        propagate the calibration stream through the quantized layer       (inputs of i+1)
+        propagate the quantized evaluation stream                          (ppl after)
+        hand the layer to the writer, free it
+    head passes turn each evaluation stream into a perplexity.
+
+Every pass is one `trainer.predict` over the sample indices of one stream; the runner
+holds only the block of the moment, so only that block moves to the accelerator.
+"""
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from alphaquant.pipeline.activations import activation_hooks
+from alphaquant.pipeline.runner import LayerRunner, PassPlan
+from alphaquant.recipe import build_format
+from alphaquant.pipeline.stores import SampleStore
+
+
+@dataclass
+class WalkOptions:
+    true_sequential: bool = True
+    evaluate: bool = True           # perplexity of the quantized model
+    eval_before: bool = True        # ... and of the original model
+    eval_rtn: bool = False          # ... and of round-to-nearest with the same recipe
+    cache_device: str | None = None  # where layer inputs are kept (None: the accelerator)
+
+
+@dataclass
+class LayerStats:
+    index: int
+    seconds: float
+    phases: dict = field(default_factory=dict)     # pass kind -> seconds
+
+
+class LayerWalker:
+    def __init__(self, trainer, model, adapter, specs, datamodule, *, collector, solver, perplexity,
+                 opts: WalkOptions, writer=None, on_layer_end=None, progress=None):
+        self.trainer, self.model, self.adapter, self.specs = trainer, model, adapter, specs
+        self.dm, self.collector, self.solver, self.ppl = datamodule, collector, solver, perplexity
+        self.opts, self.writer, self.on_layer_end, self.progress = opts, writer, on_layer_end, progress
+        self.runner = LayerRunner(layer_kwargs=self.adapter.layer_kwargs_fn(model))
+        self.layer_stats: list[LayerStats] = []
+
+    # -- passes -------------------------------------------------------------------------------
+    def _predict(self, block, phase, stream, stats=None, **plan):
+        t0 = time.perf_counter()
+        self.dm.stream = "calib" if stream == "calib" else "eval"
+        self.runner.set_block(block, PassPlan(phase, stream, **plan))
+        self.trainer.predict(self.runner, datamodule=self.dm, return_predictions=False)
+        if stats is not None:
+            key = phase if phase != "collect" else "collect+solve"
+            stats.phases[key] = stats.phases.get(key, 0.0) + time.perf_counter() - t0
+
+    def _streams(self):
+        names = ["calib"]
+        if self.opts.evaluate:
+            names += ["eval_q"] + (["eval_fp"] if self.opts.eval_before else []) + (
+                ["eval_rtn"] if self.opts.eval_rtn else [])
+        return names
+
+    def _groups(self, index, layer):
+        """True-sequential groups of the layer, without skipped and identity-format linears."""
+        prefix = self.adapter.layer_prefix(index)
+        groups = [[n for n in g if self.specs[prefix + n].quantized] for g in self.adapter.sequential_groups(layer)]
+        if not self.opts.true_sequential:
+            groups = [[n for g in groups for n in g]]
+        return [g for g in groups if g]
+
+    # -- the walk -------------------------------------------------------------------------------
+    def run(self):
+        embed = self.adapter.embed_fn(self.model)
+        for s in self._streams():
+            windows = self.dm.windows["calib" if s == "calib" else "eval"]
+            self.runner.stores[s] = SampleStore(windows, embed, self.opts.cache_device)
+        n = self.adapter.num_layers(self.model)
+        for i in range(n):
+            self._layer(i, last=(i == n - 1))
+        if self.opts.evaluate:
+            head = self.adapter.head_module(self.model)
+            for s in self._streams()[1:]:
+                self._predict(head, "head", s)
+        return self.ppl.results
+
+    def _layer(self, i, last):
+        stats = LayerStats(i, 0.0)
+        t0 = time.perf_counter()
+        layer = self.adapter.load_layer(self.model, i)
+        if self.opts.evaluate and self.opts.eval_before:
+            self._predict(layer, "propagate", "eval_fp", stats)
+        aq_handles = activation_hooks(layer, self.adapter.layer_prefix(i), self.specs)
+        if self.opts.evaluate and self.opts.eval_rtn:
+            self._predict(self._rtn_copy(i, layer), "propagate", "eval_rtn", stats)
+        for g, group in enumerate(self._groups(i, layer)):
+            self._predict(layer, "collect", "calib", stats, layer_index=i, group_index=g, group=group)
+            if self.progress:
+                self.progress(i, g)
+        if not last:
+            self._predict(layer, "propagate", "calib", stats)
+        if self.opts.evaluate:
+            self._predict(layer, "propagate", "eval_q", stats)
+        self.runner.block = None
+        for h in aq_handles:
+            h.remove()
+        if self.writer is not None:
+            t1 = time.perf_counter()
+            self.writer.write_layer(i, layer)
+            stats.phases["write"] = time.perf_counter() - t1
+        self.adapter.unload_layer(self.model, i)
+        if not getattr(self.model, "lazy", False):
+            layer.to("cpu")       # an eager model keeps its layers: give the accelerator back
+        stats.seconds = time.perf_counter() - t0
+        self.layer_stats.append(stats)
+        if self.on_layer_end:
+            self.on_layer_end(i, stats)
+
+    @torch.no_grad()
+    def _rtn_copy(self, i, layer):
+        """A copy of the layer with every quantized linear rounded to nearest (same recipe)."""
+        rtn = copy.deepcopy(layer)
+        prefix = self.adapter.layer_prefix(i)
+        for g in self._groups(i, layer):
+            for n in g:
+                w = rtn.get_submodule(n).weight
+                w.copy_(build_format(self.specs[prefix + n]).fake_quantize(w.float()).to(w.dtype))
+        return rtn
+
+
+def peak_memory() -> dict:
+    """Peak accelerator memory (bytes, all devices of this process) and host RSS."""
+    out = {"host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        out["accelerator_bytes"] = max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+    return out

@@ -1,0 +1,26 @@
+"""Pure tensor helpers that turn a router's output into per-expert token weights.
+
+Contract with models/: an MoE block's router returns `topk_ids` [T, k] and `topk_weights`
+[T, k] exactly as the family applies them to expert outputs, and expert e is called on the
+tokens t with e in topk_ids[t], in increasing t. So the rows an expert's linears see are
+`expert_tokens(topk_ids, e)` and their routing weights `expert_token_weights(...)`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def expert_token_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert: int):
+    """Token indices routed to `expert` (increasing) and their routing weights.
+
+    topk_ids, topk_weights: [T, k]. Returns (tokens [n] long, weights [n] float32).
+    """
+    hit = topk_ids == expert                                            # [T, k]
+    tokens = hit.any(dim=-1).nonzero(as_tuple=True)[0]                  # [n]
+    weights = (topk_weights.float() * hit).sum(dim=-1).index_select(0, tokens)
+    return tokens, weights
+
+
+def tokens_per_expert(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many tokens each expert received: [num_experts] long."""
+    return torch.bincount(topk_ids.reshape(-1), minlength=num_experts)

@@ -1,0 +1,1 @@
+"""Lightning callbacks of the calibration loop. Each only collects and calls pure functions."""

@@ -1,0 +1,177 @@
+"""The GPTQ solve at the end of a collect pass: batched over experts, sharded over ranks.
+
+Linears of the group that share a Hessian key and a QuantSpec are stacked along rows (an
+expert's gate and up become one [2I, H] matrix); stacks of equal shape and spec form a
+bucket that `gptq_quantize` solves in one batched sweep ([E, R, C]). Under DDP each rank
+solves a contiguous slice of every bucket and broadcasts it, so every rank ends with the
+same quantized layer.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from alphaquant.formats.base import QParams, QTensor
+from alphaquant.gptq import gptq_quantize
+from alphaquant.recipe import build_format
+
+
+@dataclass
+class ModuleRecord:
+    """What the solve produced for one linear: enough to export it and to report on it."""
+
+    name: str
+    spec: object
+    params: QParams                 # scales/zeros of the dequantized weight now in the module
+    g_idx: torch.Tensor | None
+    tokens: int                     # calibration tokens this linear saw (all ranks)
+    weight_sum: float               # Σ token weights (routing-weighted Hessians)
+    loss: float                     # GPTQ proxy loss of its stack
+    rel_error: float                # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): relative output error
+    fallback: str | None = None     # "no tokens", "cholesky failed", ... (round-to-nearest used)
+    extra: dict = field(default_factory=dict)
+
+
+class GPTQSolve(Callback):
+    def __init__(self, collector, specs: dict, layer_prefix, gptq_opts: dict):
+        self.collector = collector      # HessianCollector: the Hessians of the current group
+        self.specs = specs              # full module name -> QuantSpec
+        self.layer_prefix = layer_prefix  # layer index -> "model.layers.{i}."
+        self.opts = gptq_opts           # block_size, damp, act_order, static_groups
+        self.records: dict[str, ModuleRecord] = {}
+        self.solve_seconds = 0.0
+
+    def on_predict_end(self, trainer, runner):
+        if runner.plan.phase != "collect":
+            return
+        t0 = time.perf_counter()
+        prefix = self.layer_prefix(runner.plan.layer_index)
+        for (spec, _r, _c), stacks in self._buckets(runner, prefix).items():
+            self._solve_bucket(runner.block, prefix, spec, stacks)
+        self.solve_seconds += time.perf_counter() - t0
+
+    def _buckets(self, runner, prefix):
+        """{(spec, rows, cols): [(key, [member names])]} for the current group."""
+        members = defaultdict(list)
+        for name, key in self.collector.keys.items():
+            members[(key, self.specs[prefix + name])].append(name)
+        buckets = defaultdict(list)
+        for (key, spec), names in members.items():
+            rows = sum(runner.block.get_submodule(n).out_features for n in names)
+            cols = runner.block.get_submodule(names[0]).in_features
+            buckets[(spec, rows, cols)].append((key, names))
+        return buckets
+
+    @torch.no_grad()
+    def _solve_bucket(self, layer, prefix, spec, stacks):
+        lin = lambda n: layer.get_submodule(n)  # noqa: E731
+        W = torch.stack([torch.cat([lin(n).weight.float() for n in names]) for _, names in stacks])  # [E, R, C]
+        states = [self.collector.states[key] for key, _ in stacks]
+        H = torch.stack([s.finalize() for s in states])                                            # [E, C, C]
+        fmt = build_format(spec)
+        rank, world = _rank_world()
+        if len(stacks) < world:   # too few to shard (e.g. attention): every rank solves it all
+            rank, world = 0, 1
+        chunks = torch.tensor_split(torch.arange(len(stacks)), world)
+        mine = chunks[rank]
+        res = gptq_quantize(W[mine], H[mine], fmt, **self.opts)
+        parts = _result_tensors(res, fmt, W[mine])
+        if world > 1:
+            parts = _broadcast_chunks(parts, chunks, fmt, W, rank)
+        Wq, params = parts["weight"], _params_from(parts)
+        rel = _relative_error(W, Wq, H)
+        losses, fallbacks = _gather_meta(res, chunks, rank, world)
+        for e, (key, names) in enumerate(stacks):
+            row = 0
+            for n in names:
+                m = lin(n)
+                rows = slice(row, row + m.out_features)
+                row += m.out_features
+                m.weight.copy_(Wq[e, rows].to(m.weight.dtype))
+                self.records[prefix + n] = ModuleRecord(
+                    name=prefix + n, spec=spec, params=_slice_params(params, e, rows),
+                    g_idx=parts["g_idx"][e] if "g_idx" in parts else None,
+                    tokens=int(states[e].n_tokens), weight_sum=float(states[e].weight_sum),
+                    loss=float(losses[e]), rel_error=float(rel[e]), fallback=fallbacks[e])
+
+
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _result_tensors(res, fmt, W_chunk) -> dict:
+    """Flatten a GPTQ result into named tensors that can be broadcast."""
+    p = res.qtensor.params
+    parts = {"weight": res.weight.float(), "scale": p.scale}
+    if p.zero is not None:
+        parts["zero"] = p.zero
+    for k, v in p.extra.items():
+        if torch.is_tensor(v):
+            parts["extra." + k] = v
+    if res.g_idx is not None:
+        parts["g_idx"] = res.g_idx
+    return parts
+
+
+def _params_from(parts) -> QParams:
+    extra = {k[6:]: v for k, v in parts.items() if k.startswith("extra.")}
+    return QParams(parts["scale"], parts.get("zero"), extra)
+
+
+def _slice_params(p: QParams, e: int, rows: slice) -> QParams:
+    """Params of one member of stack e: scales are per row, global scales per matrix."""
+    def cut(t):
+        if t is None:
+            return None
+        t = t[e]
+        return t[rows] if t.dim() >= 1 and t.shape[0] == p.scale.shape[1] else t
+    return QParams(cut(p.scale), cut(p.zero), {k: cut(v) for k, v in p.extra.items()})
+
+
+def _broadcast_chunks(parts, chunks, fmt, W, rank):
+    """Every rank gets every chunk: owners broadcast their solved slices."""
+    full = {}
+    for src, idx in enumerate(chunks):
+        if src == rank:
+            local = parts
+        else:  # allocate with the right shapes: the params of the original weights have them
+            ref = _result_tensors(_Ref(W[idx], fmt, "g_idx" in parts), fmt, W[idx])
+            local = {k: torch.empty_like(v) for k, v in ref.items()}
+        for k in sorted(local):
+            dist.broadcast(local[k], src=src)
+            full.setdefault(k, []).append(local[k])
+    return {k: torch.cat(v) for k, v in full.items()}
+
+
+class _Ref:
+    """Stands in for a GPTQ result of a chunk another rank solves (shapes only)."""
+
+    def __init__(self, W, fmt, with_g_idx):
+        self.weight = W
+        self.qtensor = QTensor(None, fmt.params(W), tuple(W.shape), fmt.name)
+        self.g_idx = torch.zeros(W.shape[0], W.shape[-1], dtype=torch.long, device=W.device) if with_g_idx else None
+
+
+def _gather_meta(res, chunks, rank, world):
+    """Per-stack proxy losses and fallback reasons of every chunk, on every rank."""
+    mine = (res.loss.float().tolist(), list(res.fallback))
+    if world == 1:
+        return mine
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return [x for g in gathered for x in g[0]], [f for g in gathered for f in g[1]]
+
+
+def _relative_error(W, Wq, H):
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) per stack: the output error on calibration inputs."""
+    D = Wq - W
+    num = torch.einsum("erc,erc->e", D @ H, D)
+    den = torch.einsum("erc,erc->e", W @ H, W).clamp_min(1e-30)
+    return (num / den).tolist()
