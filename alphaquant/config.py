@@ -89,6 +89,9 @@ class EvalConfig:
     enabled: bool = True           # perplexity of the quantized model
     before: bool = True            # also the perplexity of the unquantized model, for comparison
     rtn: bool = False              # also round-to-nearest with the same recipe (a baseline for GPTQ)
+    # also run GPTQ with these other calibration.hessian modes (not saved) and report their perplexity,
+    # e.g. [uniform] to measure what routing-weighted Hessians buy
+    compare_hessians: list[Literal["routed", "uniform", "all_experts"]] = field(default_factory=list)
     dataset: str = "wikitext2"     # same kinds of source as calibration.dataset
     split: str = "test"
     text_field: str = "text"

@@ -5,6 +5,7 @@ import contextlib
 import time
 
 from alphaquant.pipeline.datamodule import WindowDataModule
+from alphaquant.pipeline.plots import log_plots, save_plots
 from alphaquant.pipeline.progress import LayerProgress
 from alphaquant.pipeline.report import expert_token_table, layer_error_table
 from alphaquant.pipeline.trainer import build_loggers, build_trainer, quiet_lightning
@@ -27,7 +28,7 @@ def build_and_walk(session, writer_factory) -> dict:
     loggers = build_loggers(cfg, session.name)
     trainer = build_trainer(cfg, [collector, solver, ppl], loggers)
     session.trainer, session.loggers = trainer, loggers
-    dm = WindowDataModule(session.windows, batch_size=cfg.calibration.batch_size)
+    dm = WindowDataModule(session.windows, {"calib": cfg.calibration.batch_size, "eval": cfg.eval.batch_size})
     opts = WalkOptions(true_sequential=g.true_sequential, evaluate=cfg.eval.enabled,
                        eval_before=cfg.eval.before, eval_rtn=cfg.eval.rtn)
     rank0 = trainer.global_rank == 0
@@ -61,11 +62,23 @@ def build_and_walk(session, writer_factory) -> dict:
             "modules": {n: {"format": r.spec.label, "tokens": r.tokens, "rel_error": r.rel_error,
                             "loss": r.loss, "fallback": r.fallback} for n, r in solver.records.items()},
         }
+        if rank0 and plots_dir(session, tmp) is not None:
+            results["plots"] = {k: str(v) for k, v in save_plots(results, plots_dir(session, tmp)).items()}
+            log_plots(loggers, results["plots"])
         if writer is not None:
             writer.finish(extra_files={"alphaquant_recipe.json": _recipe_json(session),
                                        "alphaquant_summary.json": results})
     results["records"] = solver.records
     return results
+
+
+def plots_dir(session, tmp):
+    """plots/ inside the checkpoint when one is written, else beside the CSV logs."""
+    from pathlib import Path
+    if tmp is not None:
+        return Path(tmp) / "plots"
+    csv = session.cfg.logging.csv
+    return Path(csv.dir) / session.name / "plots" if csv.enabled else None
 
 
 _PPL_NAMES = {"eval_fp": "original", "eval_rtn": "rtn", "eval_q": "quantized"}

@@ -14,12 +14,12 @@ from torch.utils.data import DataLoader
 
 
 class WindowDataModule(L.LightningDataModule):
-    def __init__(self, windows: dict[str, torch.Tensor], batch_size: int = 1):
+    def __init__(self, windows: dict[str, torch.Tensor], batch_sizes: dict[str, int]):
         super().__init__()
-        self.windows = windows            # stream name -> [N, T] long token windows
-        self.batch_size = batch_size
+        self.windows = windows            # "calib" / "eval" -> [N, T] long token windows
+        self.batch_sizes = batch_sizes    # "calib" / "eval" -> windows per forward
         self.stream = "calib"
 
     def predict_dataloader(self) -> DataLoader:
         n = self.windows[self.stream].shape[0]
-        return DataLoader(torch.arange(n), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(torch.arange(n), batch_size=self.batch_sizes[self.stream], shuffle=False)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -71,6 +72,24 @@ class CalibrationSession:
         self.windows = build_windows(cfg, tokenizer, vocab_size=mc.vocab_size,
                                      max_pos=getattr(mc, "max_position_embeddings", None))
         self.results = build_and_walk(self, self._writer_factory())
+        self.results["hessian"] = cfg.calibration.hessian
+        for mode in dict.fromkeys(cfg.eval.compare_hessians):
+            if mode != cfg.calibration.hessian and cfg.eval.enabled:
+                self.results["perplexity"][f"gptq_{mode}"] = self._compare(mode)
+
+    def _compare(self, mode: str) -> float:
+        """Perplexity of GPTQ with another Hessian mode: a fresh model, nothing saved or logged."""
+        import models
+
+        cfg = copy.deepcopy(self.cfg)
+        cfg.calibration.hessian = mode
+        cfg.eval.before, cfg.eval.rtn, cfg.output.save = False, False, False
+        cfg.logging.wandb.mode, cfg.logging.csv.enabled = "disabled", False
+        other = copy.copy(self)
+        other.cfg = cfg
+        other.model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, lazy=cfg.model.lazy)
+        from alphaquant.pipeline.calibrate import build_and_walk
+        return build_and_walk(other, None)["perplexity"]["quantized"]
 
     def _writer_factory(self):
         if not self.cfg.output.save:
