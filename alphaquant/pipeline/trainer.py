@@ -26,7 +26,7 @@ def build_loggers(cfg, run_name: str) -> list:
     loggers = []
     if cfg.logging.csv.enabled:
         from lightning.pytorch.loggers import CSVLogger
-        loggers.append(CSVLogger(save_dir=cfg.logging.csv.dir, name=run_name, version=""))
+        loggers.append(CSVLogger(save_dir=cfg.logging.csv.dir, name=run_name))   # version_N: never clobbers
     wb = cfg.logging.wandb
     if wb.mode != "disabled":
         try:
