@@ -13,7 +13,8 @@ from alphaquant.data import (build_windows, calibration_windows, check_seq_len, 
                              load_token_file, load_tokens, parse_split, tokenize)
 from alphaquant.errors import ConfigError, DataError, UserError
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+# Real text that ships with the repo (the demo corpus: CPython standard-library source, PSF licence).
+REAL_TEXT = Path(__file__).resolve().parents[1] / "demo" / "corpus" / "test.txt"
 SENTENCES = ["the cat sat on the mat", "a dog ran to the park", "first citizen : before we proceed"]
 
 
@@ -85,12 +86,12 @@ def test_parse_split():
 
 
 def test_train_and_test_are_disjoint_and_cover_the_text():
-    text = SHAKESPEARE.read_text(encoding="utf-8")
-    train, test = load_text(str(SHAKESPEARE), "train"), load_text(str(SHAKESPEARE), "test")
+    text = REAL_TEXT.read_text(encoding="utf-8")
+    train, test = load_text(str(REAL_TEXT), "train"), load_text(str(REAL_TEXT), "test")
     assert train + test == text                          # one cut point, nothing shared or lost
     assert 0.89 < len(train) / len(text) < 0.91
     assert test.startswith("\n")                         # cut at a line boundary
-    assert load_text(str(SHAKESPEARE), "all") == text
+    assert load_text(str(REAL_TEXT), "all") == text
 
 
 def test_fraction_ranges_tile_the_text(corpus):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import models
 
-SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+# Real text shipped in the repo: the demo corpus (CPython standard-library source, PSF licence).
+CORPUS = Path(__file__).resolve().parents[1] / "demo" / "corpus" / "train.txt"
 
 BASE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
@@ -29,7 +30,7 @@ FAMILIES = {
 
 
 def corpus_text(chars: int = 120_000) -> str:
-    return SHARED_TEXT.read_text()[:chars]
+    return CORPUS.read_text(encoding="utf-8")[:chars]
 
 
 def write_tokenizer(directory: Path, text: str, vocab_size: int = 320) -> None:
