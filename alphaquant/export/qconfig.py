@@ -1,0 +1,102 @@
+"""The `quantization_config` block of config.json, built from the recipe, and its inverse.
+
+One config group per distinct (wq, group_size, sym, aq, act-order) among quantized modules;
+each group names its modules with `re:` regexes where a regex matches exactly that group's
+modules (e.g. every expert's gate_proj of every layer) and with explicit names otherwise:
+
+    quantization_config(specs)["config_groups"]["group_0"]["targets"]
+    # ['re:model\\.layers\\.\\d+\\.mlp\\.experts\\.\\d+\\.(gate_proj)$', ...]
+
+Regexes matter beyond size: transformers finds the MoE experts' scheme by a `re:` target that
+mentions "experts" (integrations/compressed_tensors.get_experts_scheme). compressed-tensors
+matches `re:` targets with re.match (anchored at the start only), hence the trailing `$`.
+Unquantized linears (skip, bf16/fp16) go to `ignore`. Our own exact format of each group is
+kept under the extra key "alphaquant" (compressed-tensors' QuantizationConfig ignores it).
+"""
+from __future__ import annotations
+
+import re
+
+from .compressed import AQ_PACKED, Layout, layout_of
+
+LAYOUT_VERSION = 1
+_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def _pattern(name: str, last_only: bool) -> str:
+    """Regex for `name` with its numeric parts (layer/expert indices) generalised to \\d+."""
+    parts = _NUM.split(name)
+    nums = _NUM.findall(name)
+    out = re.escape(parts[0])
+    for i, (num, rest) in enumerate(zip(nums, parts[1:])):
+        keep = last_only and i < len(nums) - 1
+        out += (num if keep else r"\d+") + re.escape(rest)
+    return out + "$"
+
+
+def compress_targets(names: list[str], universe: list[str]) -> list[str]:
+    """`re:` patterns matching exactly `names` within `universe`, plus explicit leftovers."""
+    chosen, remaining, allowed = [], list(names), set(names)
+    for last_only in (False, True):                      # all indices, then the expert index only
+        for pat in dict.fromkeys(_pattern(n, last_only) for n in remaining):
+            rx = re.compile(pat)
+            hits = {u for u in universe if rx.match(u)}
+            if hits and hits <= allowed and hits & set(remaining):
+                chosen.append("re:" + pat)
+                remaining = [n for n in remaining if n not in hits]
+    return chosen + remaining
+
+
+def group_key(spec, act_order: bool) -> tuple:
+    return (spec.wq, spec.group_size, spec.sym if spec.wq.startswith("int") else True, spec.aq, act_order)
+
+
+def quantization_config(specs: dict, act_order_modules=()) -> dict:
+    """The config.json `quantization_config` for {module name: QuantSpec}.
+
+    act_order_modules: names whose weights are stored with a non-trivial weight_g_idx.
+    """
+    act = set(act_order_modules)
+    universe = list(specs)
+    groups: dict[tuple, list[str]] = {}
+    for name, spec in specs.items():
+        if spec.quantized:
+            groups.setdefault(group_key(spec, name in act), []).append(name)
+    config_groups, ours, formats = {}, {}, []
+    for i, (key, names) in enumerate(groups.items()):
+        spec = specs[names[0]]
+        lay: Layout = layout_of(spec, act_order=key[-1])
+        gname = f"group_{i}"
+        config_groups[gname] = {"targets": compress_targets(names, universe), "weights": lay.weights,
+                                "input_activations": None, "output_activations": None, "format": lay.format}
+        ours[gname] = {"wq": spec.wq, "group_size": spec.group_size, "sym": spec.sym, "aq": spec.aq,
+                       "act_order": key[-1], "modules": len(names)}
+        formats.append(lay.format)
+    ignore = [n for n, s in specs.items() if not s.quantized]
+    distinct = list(dict.fromkeys(formats))
+    return {
+        "quant_method": "compressed-tensors",
+        "format": distinct[0] if len(distinct) == 1 else ("mixed-precision" if distinct else "dense"),
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": compress_targets(ignore, universe),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "alphaquant": {"layout_version": LAYOUT_VERSION, "groups": ours,
+                       "standard": AQ_PACKED not in distinct},
+    }
+
+
+def module_groups(qcfg: dict, names: list[str]) -> dict[str, str]:
+    """{module name: config group name} for the quantized modules among `names` (first match wins)."""
+    out = {}
+    ignore = qcfg.get("ignore") or []
+    for gname, group in qcfg["config_groups"].items():
+        for n in names:
+            if n not in out and _matches(n, group["targets"]) and not _matches(n, ignore):
+                out[n] = gname
+    return out
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(re.match(t[3:], name) if t.startswith("re:") else t == name for t in targets)

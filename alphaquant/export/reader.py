@@ -1,0 +1,90 @@
+"""Reading a quantized checkpoint back into our model code, weights dequantized, for evaluation.
+
+    model = load_quantized("out/olmoe-w4")           # models.* model, eval mode
+    logits = model(input_ids)
+
+Independent of compressed-tensors: every module's format comes from the "alphaquant" block
+of `quantization_config` (written by writer.py) and is decoded with alphaquant.formats, so
+AlphaQuant-only layouts (alphaquant-packed) load too. Parameters are read one at a time
+(CheckpointReader), the model is built on the meta device: one model in memory, never two.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import CheckpointReader
+from models.loading import resolve_dtype
+from models.registry import config_from_dict, model_class_for
+
+from alphaquant.recipe import QuantSpec, build_format
+
+from .compressed import decompress, layout_of
+from .qconfig import module_groups
+
+# Tensor names a quantized linear may store besides "bias" (compressed.py writes them).
+STORED = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale",
+          "weight_shape", "weight_g_idx")
+
+
+def _spec_of(group: dict) -> QuantSpec:
+    return QuantSpec(wq=group["wq"], group_size=group["group_size"], sym=group["sym"], aq=group["aq"], skip=False)
+
+
+def _set(model: nn.Module, key: str, t: torch.Tensor) -> None:
+    owner, _, leaf = key.rpartition(".")
+    model.get_submodule(owner)._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+
+@torch.no_grad()
+def load_quantized(directory, dtype=None, device=None) -> nn.Module:
+    """Our model with dequantized weights from a checkpoint written by QuantizedCheckpointWriter.
+
+    dtype: None = config.json's dtype. device: default CPU.
+    """
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: not a checkpoint directory")
+    config = json.loads(cfg_path.read_text())
+    qcfg = config.get("quantization_config")
+    if qcfg is None or "alphaquant" not in qcfg:
+        raise ValueError(f"{cfg_path} has no AlphaQuant quantization_config; load unquantized checkpoints "
+                         f"with models.from_pretrained")
+    dtype = resolve_dtype(dtype, config)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = model_class_for(config.get("model_type"))(config_from_dict(config))
+    model = model.to(dtype)
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    groups = module_groups(qcfg, linears)
+    ours = qcfg["alphaquant"]["groups"]
+    reader = CheckpointReader(directory)
+    formats = {}
+    for gname, g in ours.items():
+        spec = _spec_of(g)
+        formats[gname] = (build_format(spec), layout_of(spec, act_order=g.get("act_order", False)))
+    tied = model.config.tie_word_embeddings
+    for key, _ in list(model.named_parameters(remove_duplicate=False)):
+        if tied and key == "lm_head.weight":
+            continue
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "weight" and owner in groups:
+            fmt, layout = formats[groups[owner]]
+            stored = {n: reader.read(f"{owner}.{n}") for n in STORED if f"{owner}.{n}" in reader.key_to_file}
+            if not stored:
+                raise KeyError(f"{owner}: no quantized tensors in {directory} although config group "
+                               f"{groups[owner]} targets it")
+            t = decompress(stored, fmt, layout, dtype)
+        else:
+            t = reader.read(key).to(dtype)
+        _set(model, key, t.to(device))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    reader.close()
+    model.checkpoint, model.lazy = None, False
+    return model.eval()

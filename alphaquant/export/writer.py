@@ -1,0 +1,154 @@
+"""Writing a servable quantized checkpoint layer by layer (compressed-tensors layout).
+
+    with AtomicDir(out, overwrite) as tmp:                   # atomicity is the caller's
+        w = QuantizedCheckpointWriter(tmp, model, specs, records, source_dir=src)
+        for i, layer in ...:                                 # after layer i is quantized
+            w.write_layer(i, layer)
+        w.finish(extra_files={"alphaquant_recipe.json": recipe, "alphaquant_summary.json": summary})
+
+Only one layer's tensors (plus the current shard) are in memory at a time. Quantized linears
+become compressed tensors (compressed.py) under their checkpoint names, e.g.
+`model.layers.0.mlp.experts.3.up_proj.weight_packed`; everything else is written as is in
+the model dtype. `records[name]` must exist by the time layer i is written (the dict may be
+filled after construction: the writer looks names up lazily).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import ShardWriter
+
+from .compressed import Layout, compress, is_trivial_g_idx, layout_of
+from .qconfig import quantization_config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def _model_dtype(model) -> torch.dtype:
+    return model.model.embed_tokens.weight.dtype
+
+
+class QuantizedCheckpointWriter:
+    """Streams a quantized model into `out_dir` (an existing, empty directory)."""
+
+    def __init__(self, out_dir, model, specs: dict, records: dict, *, max_shard_size="5GB", source_dir=None):
+        self.out = Path(out_dir)
+        self.model, self.specs, self.records = model, specs, records
+        self.source_dir = Path(source_dir) if source_dir is not None else None
+        self.dtype = _model_dtype(model)
+        self.act_order: set[str] = set()          # modules stored with a weight_g_idx
+        self.layers_written: set[int] = set()
+        self.shards = ShardWriter(self.out, max_shard_size)
+        self._formats: dict = {}                  # spec -> Format, built once per distinct spec
+
+    # --- per layer -------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_layer(self, i: int, layer: nn.Module) -> None:
+        """Every tensor of decoder layer i, quantized linears compressed."""
+        prefix = f"model.layers.{i}."
+        done: set[str] = set()
+        for mod_name, mod in layer.named_modules():
+            full = prefix + mod_name
+            if isinstance(mod, nn.Linear) and self._is_quantized(full):
+                for key, t in self._linear_tensors(full, mod).items():
+                    self.shards.add(f"{full}.{key}", t)
+                done.update(f"{mod_name}.{p}" for p, _ in mod.named_parameters(recurse=False))
+        for name, p in layer.named_parameters():
+            if name not in done:
+                if p.is_meta:
+                    raise ValueError(f"{prefix}{name} is on the meta device: write_layer needs layer {i} loaded")
+                self.shards.add(prefix + name, p.detach().to(self.dtype))
+        self.layers_written.add(i)
+
+    def _is_quantized(self, name: str) -> bool:
+        spec = self.specs.get(name)
+        return spec is not None and spec.quantized
+
+    def _format(self, spec):
+        if spec not in self._formats:
+            from alphaquant.recipe import build_format
+            self._formats[spec] = build_format(spec)
+        return self._formats[spec]
+
+    def _linear_tensors(self, name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
+        rec = self.records.get(name)
+        if rec is None:
+            raise KeyError(f"{name} is quantized by the recipe but has no ModuleRecord; "
+                           f"write_layer must run after the layer's GPTQ solve")
+        spec = self.specs[name]
+        g_idx = None if rec.g_idx is None else rec.g_idx.detach().cpu()
+        act = g_idx is not None and not is_trivial_g_idx(g_idx)
+        layout: Layout = layout_of(spec, act_order=act)
+        if act:
+            self.act_order.add(name)
+        params = _cpu_params(rec.params)
+        out = compress(lin.weight.detach().cpu(), params, self._format(spec), layout, g_idx if act else None)
+        if lin.bias is not None:                      # biases stay dense, as compressed-tensors keeps them
+            out["bias"] = lin.bias.detach().to(self.dtype)
+        return out
+
+    # --- the end ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def finish(self, extra_files: dict[str, dict] | None = None) -> None:
+        """Non-layer tensors, config.json, index, tokenizer files, extra JSON files."""
+        n = len(self.model.model.layers)
+        missing = sorted(set(range(n)) - self.layers_written)
+        if missing:
+            raise ValueError(f"finish() before every layer was written; missing layers {missing}")
+        tied = self.model.config.tie_word_embeddings
+        for key, p in self.model.named_parameters(remove_duplicate=False):
+            if key.startswith("model.layers.") or (tied and key == "lm_head.weight"):
+                continue
+            t = self.model.checkpoint.read(key) if p.is_meta else p.detach()
+            self.shards.add(key, t.to(self.dtype))
+        self.shards.close()
+        self._write_json("config.json", self.config_dict())
+        self._copy_tokenizer()
+        for fname, data in (extra_files or {}).items():
+            self._write_json(fname, data)
+
+    def config_dict(self) -> dict:
+        config = self.model.config.to_hf()
+        config.pop("torch_dtype", None)
+        config["dtype"] = str(self.dtype).removeprefix("torch.")
+        config["quantization_config"] = quantization_config(self.specs, sorted(self.act_order))
+        return config
+
+    def _write_json(self, fname: str, data) -> None:
+        (self.out / fname).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+    def _copy_tokenizer(self) -> None:
+        if self.source_dir is None:
+            return
+        for fname in TOKENIZER_FILES:
+            src = self.source_dir / fname
+            if src.is_file():
+                shutil.copyfile(src, self.out / fname)
+
+
+class DequantizedCheckpointWriter(QuantizedCheckpointWriter):
+    """Same interface; writes the dequantized weights as a plain checkpoint (any loader reads it)."""
+
+    def _is_quantized(self, name: str) -> bool:
+        return False
+
+    def config_dict(self) -> dict:
+        config = super().config_dict()
+        config.pop("quantization_config")
+        return config
+
+
+def _cpu_params(p):
+    from alphaquant.formats.base import QParams
+    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    return QParams(cpu(p.scale), cpu(p.zero), {k: cpu(v) if torch.is_tensor(v) else v for k, v in p.extra.items()})
+
+
+__all__ = ["QuantizedCheckpointWriter", "DequantizedCheckpointWriter", "TOKENIZER_FILES"]
