@@ -46,15 +46,13 @@ class Layout:
         return (self.format, tuple(sorted((k, str(v)) for k, v in self.weights.items())), self.act_order)
 
 
-def _args(num_bits, type_, group_size, *, symmetric=True, strategy=None, scale_dtype=None, actorder=None):
+def _args(num_bits, type_, group_size, *, symmetric=True, strategy=None, scale_dtype=None):
     """A QuantizationArgs dict as compressed-tensors serialises it (None fields omitted)."""
     strategy = strategy or ("channel" if group_size == -1 else "group")
     d = {"num_bits": num_bits, "type": type_, "symmetric": symmetric,
          "group_size": None if strategy == "channel" else group_size, "strategy": strategy, "dynamic": False}
     if scale_dtype:
         d["scale_dtype"] = scale_dtype
-    if actorder:
-        d["actorder"] = actorder
     if not symmetric:
         d["zp_dtype"] = "torch.int8"
     return d
@@ -68,11 +66,17 @@ def layout_of(spec, act_order: bool = False) -> Layout:
     """
     wq, g = spec.wq, spec.group_size
     if wq.startswith("int"):
+        args = _args(int(wq[3:]), "int", g, symmetric=spec.sym)
+        if act_order:
+            # compressed-tensors < 0.20 wrote this as pack-quantized + actorder "group" + weight_g_idx;
+            # 0.20 removed it (QuantizationArgs refuses actorder="group", so one such group would make
+            # the whole config.json unreadable) and ignores g_idx. We keep exactly those tensors
+            # (int32 words, packed zero points, weight_g_idx) under our own format name.
+            return Layout(AQ_PACKED, args, True)
         # pack-quantized covers 1..8 bits, group or channel, sym or asym (weight_zero_point)
-        return Layout("pack-quantized", _args(int(wq[3:]), "int", g, symmetric=spec.sym,
-                                              actorder="group" if act_order else None), act_order)
+        return Layout("pack-quantized", args)
     if act_order:
-        # g_idx exists only for integer pack-quantized in compressed-tensors; ours keeps it
+        # g_idx exists only for integer layouts; ours keeps it for every format
         return Layout(AQ_PACKED, _aq_args(spec), True)
     if wq == "nvfp4" and g == 16:
         return Layout("nvfp4-pack-quantized", _args(4, "float", 16, strategy="tensor_group",
@@ -164,7 +168,7 @@ def compress(w: torch.Tensor, params: QParams, fmt, layout: Layout, g_idx=None) 
     shape = torch.tensor([R, C], dtype=torch.int64)
     out: dict[str, torch.Tensor] = {}
     f = layout.format
-    if f == "pack-quantized":
+    if _int32_words(fmt, layout):
         off = 2 ** (fmt.bits - 1)                                     # signed -> unsigned, as CT
         out["weight_packed"] = pack_int32(codes.to(torch.int32) + off, fmt.bits)
         out["weight_scale"] = _scale_store(params.scale, w.dtype)
@@ -179,8 +183,8 @@ def compress(w: torch.Tensor, params: QParams, fmt, layout: Layout, g_idx=None) 
             out["weight_global_scale"] = params.extra["weight_global_scale"].float().reshape(1)
         else:
             out["weight_scale"] = params.extra["scale_e8m0"]
-        if f != "mxfp4-pack-quantized":
-            out["weight_shape"] = shape
+        # no weight_shape: compressed-tensors' FP4/FP6 compressors neither write nor expect one
+        # (transformers would report it as an unexpected key); the width follows from the bytes
     elif f in ("mxfp8-quantized", "float-quantized"):
         out["weight"] = codes.to(torch.uint8).view(torch.float8_e4m3fn)
         out["weight_scale"] = params.extra["scale_e8m0"] if f == "mxfp8-quantized" else params.scale.float()
@@ -190,7 +194,14 @@ def compress(w: torch.Tensor, params: QParams, fmt, layout: Layout, g_idx=None) 
         out["weight_shape"] = shape
     if layout.act_order:
         out["weight_g_idx"] = g_idx.reshape(-1).to(torch.int32)
-    return {k: v.contiguous() for k, v in out.items()}
+    # own storage for every tensor: params of modules solved together are views of one tensor
+    # (gate/up share a g_idx, stacked experts' NVFP4 global scales), which safetensors refuses
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
+
+
+def _int32_words(fmt, layout: Layout) -> bool:
+    """Integer codes stored as pack-quantized int32 words: pack-quantized itself and int act-order."""
+    return layout.format == "pack-quantized" or (layout.format == AQ_PACKED and fmt.name.startswith("int"))
 
 
 def _aq_params(params: QParams, fmt) -> dict[str, torch.Tensor]:
@@ -215,7 +226,7 @@ def _params_from(t: dict, fmt, layout: Layout) -> QParams:
         wgs = t["weight_global_scale"].float().reshape(())
         return QParams(scale.float() / wgs, None, {"block_scale_fp8": scale, "weight_global_scale": wgs})
     zero = t.get("weight_zero_point")
-    if zero is not None and layout.format == "pack-quantized":
+    if zero is not None and _int32_words(fmt, layout):
         off = 2 ** (fmt.bits - 1)
         zero = unpack_int32(zero.t().contiguous(), fmt.bits, scale.shape[0]).t() - off
     return QParams(scale.float(), None if zero is None else zero.float())
@@ -229,9 +240,9 @@ def decompress(t: dict[str, torch.Tensor], fmt, layout: Layout, dtype: torch.dty
         R, C = (int(x) for x in t["weight_shape"].tolist())
     elif "weight" in t:
         R, C = t["weight"].shape
-    else:                                                             # mxfp4: 2 codes per byte
-        R, C = t["weight_packed"].shape[0], t["weight_packed"].shape[1] * 2
-    if f == "pack-quantized":
+    else:                                                             # fp4: 2 codes per byte, fp6: 4 per 3
+        R, C = t["weight_packed"].shape[0], t["weight_packed"].shape[1] * 8 // fmt.bits
+    if _int32_words(fmt, layout):
         codes = unpack_int32(t["weight_packed"], fmt.bits, C) - 2 ** (fmt.bits - 1)
     elif "weight" in t:
         codes = t["weight"].view(torch.uint8)
