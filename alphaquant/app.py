@@ -1,18 +1,29 @@
 """`python train_quant.py --config X.yaml [--dotted.key value ...]`: the whole product.
 
 Order matters for the user: everything that can be checked without weights (config,
-recipe against the model's shapes, output directory, data) is checked before any weight
-is read, and a user error is one sentence on stderr with exit code 2.
+the model's config.json, data files, tokenizer, devices, recipe against the model's shapes,
+output directory) is checked before any weight is read (`--dry-run` checks what the plan
+needs: config, model files, recipe, output directory), and a user error is one sentence on
+stderr with exit code 2. A write that fails for lack of space or permission is a user error
+too: the atomic output directory has already been removed when its message is printed.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import time
+from pathlib import Path
 
-from alphaquant.errors import UserError
+from alphaquant.errors import ConfigError, UserError
 
 USAGE = "python train_quant.py --config CONFIG.yaml [--dry-run] [--overwrite] [--eval-only DIR] [--section.key VALUE ...]"
+
+# errno of a failed write -> what the user is told
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission is denied",
+                errno.EPERM: "permission is denied"}
 
 
 def parse_cli(argv):
@@ -26,34 +37,60 @@ def parse_cli(argv):
 
 def main(argv=None) -> int:
     args, rest = parse_cli(sys.argv[1:] if argv is None else argv)
+    state: dict = {}
     try:
-        return run(args, rest)
+        return run(args, rest, state)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ValueError, FileNotFoundError, OSError) as e:
-        # Model-loading errors from models/ (unsupported family, missing config.json, corrupt
-        # safetensors) are user errors too; anything else is a bug and keeps its traceback.
+        return _fail(str(e), e.exit_code)
+    except OSError as e:
+        if e.errno in WRITE_ERRORS:
+            return _fail(_write_error(e, state.get("out_dir")))
         if _is_model_input_error(e):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _fail(str(e))
         raise
+    except ValueError as e:
+        # Model-loading errors from models/ (unsupported family, bad config.json, corrupt or
+        # incomplete safetensors) are user errors too; anything else is a bug and keeps its traceback.
+        if _is_model_input_error(e):
+            return _fail(str(e))
+        raise
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)     # one line, whatever the message held
+    return code
+
+
+def _write_error(e: OSError, out_dir) -> str:
+    what = WRITE_ERRORS[e.errno]
+    path = f" at '{e.filename}'" if e.filename else (f" under '{out_dir}'" if out_dir else "")
+    saved = f"nothing was saved to output.dir '{out_dir}'" if out_dir else "nothing was saved"
+    fix = "free some space or set output.dir to another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+        else "set output.dir (and logging dirs) to a place you can write"
+    return f"{what}{path} ({e.strerror}), so {saved}; {fix}"
 
 
 def _is_model_input_error(e: BaseException) -> bool:
     import models
-    return isinstance(e, (models.UnsupportedModelError, models.ModelConfigError, FileNotFoundError))
+    return isinstance(e, (models.UnsupportedModelError, models.ModelConfigError, models.CheckpointError,
+                          FileNotFoundError))
 
 
-def run(args, rest) -> int:
+def run(args, rest, state: dict | None = None) -> int:
     from alphaquant.config import load_config
 
+    state = {} if state is None else state
     cfg = load_config(args.config, rest)
     if args.overwrite:
         cfg.output.overwrite = True
+    if cfg.output.save:
+        state["out_dir"] = cfg.output.dir
     if args.eval_only:
         from alphaquant.pipeline.evaluate import evaluate_checkpoint
         return evaluate_checkpoint(cfg, args.eval_only)
+    check_recipe(cfg)                     # the recipe against the model's shapes, from config.json alone
+    if not args.dry_run:                  # a plan needs no data, and may be made on a laptop for a GPU machine
+        preflight(cfg)                    # data files, tokenizer, devices: no weights read
     from alphaquant.pipeline.session import CalibrationSession
 
     session = CalibrationSession(cfg)
@@ -66,3 +103,64 @@ def run(args, rest) -> int:
     session.finish(time.perf_counter() - t0)
     return 0
 
+
+def _local_model_dir(cfg) -> Path | None:
+    p = Path(cfg.model.path).expanduser()
+    return p if p.is_dir() else None
+
+
+def check_recipe(cfg) -> None:
+    """Resolve the recipe on the meta skeleton of a local model (config.json only, no weights), so a
+    group size that does not divide or a pattern that matches nothing fails before a model load.
+    A hub id is checked by the session once its files are fetched."""
+    model_dir = _local_model_dir(cfg)
+    if model_dir is None:
+        return
+    from alphaquant.arch import get_adapter
+    from alphaquant.recipe import resolve_recipe
+    from models.loading import skeleton
+
+    model = skeleton(model_dir, cfg.model.dtype)
+    resolve_recipe(cfg.quant, get_adapter(model).linear_modules(model))
+
+
+def preflight(cfg) -> None:
+    """Checks that need no weights, so a typo costs seconds, not a model load.
+
+    A local model directory's config.json gives the vocabulary size and the maximum sequence
+    length the data is checked against; a hub id is checked when the session fetches it.
+    """
+    from alphaquant.data import check_sources, check_tokenizer_dir, needs_tokenizer
+
+    vocab_size = max_pos = None
+    model_dir = _local_model_dir(cfg)
+    if model_dir is not None:
+        import models
+        from models.loading import read_config_dict
+        mc = models.config_from_dict(read_config_dict(model_dir))
+        vocab_size, max_pos = mc.vocab_size, getattr(mc, "max_position_embeddings", None)
+    check_sources(cfg, vocab_size=vocab_size, max_pos=max_pos)
+    if needs_tokenizer(cfg):
+        check_tokenizer_dir(cfg.model.tokenizer or cfg.model.path,
+                            "model.tokenizer" if cfg.model.tokenizer else "model.tokenizer (default: model.path)")
+    check_devices(cfg.trainer)
+
+
+def check_devices(t) -> None:
+    """ConfigError when trainer.accelerator/devices ask for more than this machine has."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    acc = t.accelerator if t.accelerator != "auto" else ("gpu" if gpus else "cpu")
+    if acc in ("gpu", "cuda"):
+        if gpus == 0:
+            raise ConfigError(f"trainer.accelerator is {t.accelerator!r} but torch sees no CUDA GPU on this "
+                              f"machine; set trainer.accelerator to cpu or auto")
+        if isinstance(t.devices, int) and t.devices > gpus:
+            raise ConfigError(f"trainer.devices is {t.devices} but this machine has {gpus} CUDA GPU(s); "
+                              f"set trainer.devices to at most {gpus} or auto")
+    elif isinstance(t.devices, int):
+        cpus = os.cpu_count() or 1
+        if t.devices > cpus:
+            raise ConfigError(f"trainer.devices is {t.devices} but this machine has {cpus} CPU cores (on CPU each "
+                              f"device is a process); set trainer.devices to at most {cpus}, 1 is usual")

@@ -52,7 +52,7 @@ def build_and_walk(session, writer_factory) -> dict:
         perplexity = walker.run()
         results = {
             "run": session.name, "model": cfg.model.path, "family": adapter.family,
-            "perplexity": {_PPL_NAMES[k]: v for k, v in perplexity.items()},
+            "perplexity": {**{_PPL_NAMES[k]: v for k, v in perplexity.items()}, **session.extra_perplexity},
             "layers": layer_error_table(solver.records, walker.layer_stats),
             "experts": expert_token_table(solver.records, cfg.calibration.min_tokens_warn),
             "fallbacks": {n: r.fallback for n, r in solver.records.items() if r.fallback},

@@ -27,6 +27,7 @@ class CalibrationSession:
         self.name = cfg.name or cfg.model.path.rstrip("/").split("/")[-1]
         self.out_dir = Path(cfg.output.dir or f"outputs/{self.name}")
         self.results: dict = {}
+        self.extra_perplexity: dict[str, float] = {}   # e.g. {"gptq_uniform": ppl} from eval.compare_hessians
 
     # -- before any weight is read ----------------------------------------------------------
     def prepare(self) -> None:
@@ -71,11 +72,12 @@ class CalibrationSession:
         mc = self.model.config
         self.windows = build_windows(cfg, tokenizer, vocab_size=mc.vocab_size,
                                      max_pos=getattr(mc, "max_position_embeddings", None))
+        # comparison runs first, so the saved summary and the loggers carry their perplexities too
+        self.extra_perplexity = {f"gptq_{mode}": self._compare(mode)
+                                 for mode in dict.fromkeys(cfg.eval.compare_hessians)
+                                 if mode != cfg.calibration.hessian and cfg.eval.enabled}
         self.results = build_and_walk(self, self._writer_factory())
         self.results["hessian"] = cfg.calibration.hessian
-        for mode in dict.fromkeys(cfg.eval.compare_hessians):
-            if mode != cfg.calibration.hessian and cfg.eval.enabled:
-                self.results["perplexity"][f"gptq_{mode}"] = self._compare(mode)
 
     def _compare(self, mode: str) -> float:
         """Perplexity of GPTQ with another Hessian mode: a fresh model, nothing saved or logged."""
@@ -86,7 +88,7 @@ class CalibrationSession:
         cfg.eval.before, cfg.eval.rtn, cfg.output.save = False, False, False
         cfg.logging.wandb.mode, cfg.logging.csv.enabled = "disabled", False
         other = copy.copy(self)
-        other.cfg = cfg
+        other.cfg, other.extra_perplexity = cfg, {}
         other.model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, lazy=cfg.model.lazy)
         from alphaquant.pipeline.calibrate import build_and_walk
         return build_and_walk(other, None)["perplexity"]["quantized"]
