@@ -15,13 +15,16 @@ Or everything a run needs from the config at once:
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from alphaquant.data_sources import (TOKEN_SUFFIXES, load_text, load_token_file, parse_split,
-                                     split_text, split_tokens)
+from alphaquant.data_sources import (HUB_SPLITS, TOKEN_SUFFIXES, check_hub_split, load_text, load_token_file,
+                                     parse_split, split_text, split_tokens)
 from alphaquant.errors import ConfigError, DataError
 
-__all__ = ["build_windows", "calibration_windows", "check_seq_len", "check_vocab", "eval_windows",
+__all__ = ["build_windows", "calibration_windows", "check_seq_len", "check_sources", "check_tokenizer_dir",
+           "check_vocab", "eval_windows", "needs_tokenizer",
            "load_text", "load_token_file", "load_tokens", "parse_split", "split_text", "split_tokens",
            "tokenize"]
 
@@ -118,3 +121,47 @@ def build_windows(cfg, tokenizer, vocab_size: int | None = None,
         out["eval"] = eval_windows(tokens, ev.seq_len, ev.max_windows,
                                    source=f"eval.dataset '{ev.dataset}' (split {ev.split!r})")
     return out
+
+
+# Files one of which a tokenizer directory holds (fast, sentencepiece, BPE, WordPiece vocabularies).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                         "sentencepiece.bpe.model", "tiktoken.model")
+
+
+def _streams(cfg):
+    return [("calibration", cfg.calibration)] + ([("eval", cfg.eval)] if cfg.eval.enabled else [])
+
+
+def needs_tokenizer(cfg) -> bool:
+    """True when a calibration/evaluation source is text (not a pre-tokenized file)."""
+    return any(not str(s.dataset).endswith(TOKEN_SUFFIXES) for _, s in _streams(cfg))
+
+
+def check_tokenizer_dir(path: str, key: str = "model.tokenizer") -> None:
+    """DataError when `path` is a local directory without tokenizer files.
+
+    (AutoTokenizer would otherwise build an empty tokenizer from config.json alone and the
+    run would fail later with "2 tokens, fewer than one window".) Hub ids are not checked here.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_VOCAB_FILES):
+        raise DataError(f"{key}: '{path}' holds no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES[:4])}); "
+                        f"set model.tokenizer to a directory or hub id with the model's tokenizer.json")
+
+
+def check_sources(cfg, vocab_size: int | None = None, max_pos: int | None = None) -> None:
+    """The data checks that need no tokenizer pass and no weights, so they fail before a model loads:
+    seq_len against max_position_embeddings, hub splits, local files present and of a known kind,
+    text not empty, token files readable, in the vocabulary and at least one window long."""
+    for name, s in _streams(cfg):
+        check_seq_len(s.seq_len, max_pos, f"{name}.seq_len")
+    for name, s in _streams(cfg):
+        key = f"{name}.dataset"
+        if s.dataset in HUB_SPLITS:
+            check_hub_split(s.dataset, parse_split(s.split, key=f"{name}.split"), key)
+        elif str(s.dataset).endswith(TOKEN_SUFFIXES):
+            tokens = load_tokens(s.dataset, s.split, token_dtype=s.token_dtype, vocab_size=vocab_size, key=key)
+            if tokens.numel() < s.seq_len:
+                raise _too_short(tokens, s.seq_len, f"{key} '{s.dataset}' (split {s.split!r})")
+        else:
+            load_text(s.dataset, s.split, s.text_field, key=key)

@@ -101,7 +101,8 @@ def load_text(source: str, split: str = "train", text_field: str = "text", key: 
         raise DataError(f"{key}: '{source}' is a token file; it needs no text loading")
     out = split_text(text, sp)
     if not out.strip():
-        raise DataError(f"{key}: '{source}' split {split!r} holds no text ({len(text)} characters in the file)")
+        raise DataError(f"{key}: '{source}' split {split!r} holds no text ({len(text)} characters in the file); "
+                        f"point {key} at a file with text or choose another split")
     return out
 
 
@@ -157,10 +158,15 @@ def _hub_load(path: str, name: str | None, split: str, data_files: dict | None =
     return datasets.load_dataset(path, name, split=split, data_files=data_files)
 
 
-def _hub_text(source: str, sp: Split, key: str) -> str:
+def check_hub_split(source: str, sp: Split, key: str) -> None:
+    """ConfigError when a hub dataset has no such split (fraction ranges apply to local files only)."""
     if sp.name not in HUB_SPLITS[source] or sp.name == "all":
         raise ConfigError(f"{key}: {source} has the splits {', '.join(HUB_SPLITS[source])}; got "
                           f"{sp.name or f'{sp.lo}:{sp.hi}'!r} (fraction ranges apply to local files)")
+
+
+def _hub_text(source: str, sp: Split, key: str) -> str:
+    check_hub_split(source, sp, key)
     try:
         if source == "wikitext2":
             return "\n\n".join(_hub_load("Salesforce/wikitext", "wikitext-2-raw-v1", sp.name)["text"])

@@ -142,7 +142,9 @@ def build(cls, data, source, path: str = ""):
         try:
             obj.check(path)
         except ConfigError as e:
-            raise ConfigError(f"{e} (in {where(source, path)})") from None
+            # name where the offending key came from when the message names one ("calibration.num_samples")
+            keys = [join(path, k) for k in names if re.search(rf"(?<![\w.]){re.escape(join(path, k))}\b", str(e))]
+            raise ConfigError(f"{e} (in {where(source, keys[0] if keys else path)})") from None
     return obj
 
 

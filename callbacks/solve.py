@@ -73,6 +73,7 @@ class GPTQSolve(Callback):
         W = torch.stack([torch.cat([lin(n).weight.float() for n in names]) for _, names in stacks])  # [E, R, C]
         states = [self.collector.states[key] for key, _ in stacks]
         H = torch.stack([s.finalize() for s in states])                                            # [E, C, C]
+        _check_finite(W, H, stacks, prefix)
         fmt = build_format(spec)
         rank, world = _rank_world()
         if len(stacks) < world:   # too few to shard (e.g. attention): every rank solves it all
@@ -98,6 +99,23 @@ class GPTQSolve(Callback):
                     g_idx=parts["g_idx"][e] if "g_idx" in parts else None,
                     tokens=int(states[e].n_tokens), weight_sum=float(states[e].weight_sum),
                     loss=float(losses[e]), rel_error=float(rel[e]), fallback=fallbacks[e])
+
+
+def _check_finite(W, H, stacks, prefix):
+    """UserError naming the first module whose weight or calibration inputs (Hessian) hold NaN/Inf,
+    before GPTQ is asked to solve it (the solver would only say "W contains NaN")."""
+    from alphaquant.errors import UserError
+    layer = prefix.rstrip(".")
+    for what, T in (("weight", W), ("Hessian", H)):
+        bad = ~torch.isfinite(torch.linalg.vector_norm(T, float("inf"), dim=(-2, -1)))          # [E]
+        if bad.any():
+            name = prefix + stacks[int(bad.nonzero()[0])][1][0]
+            if what == "weight":
+                raise UserError(f"the weight of {name} holds NaN or Inf values before its GPTQ solve; "
+                                f"the checkpoint or an earlier step of {layer} produced them, so it cannot be quantized")
+            raise UserError(f"the calibration activations entering {name} hold NaN or Inf (they overflow in "
+                            f"{layer} or an earlier layer), so its GPTQ solve is impossible; check the norm and "
+                            f"projection weights of {layer} (or use model.dtype float32 if it is float16)")
 
 
 def _rank_world():

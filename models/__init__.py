@@ -6,7 +6,7 @@ with the hub layout: every expert is its own nn.Linear and every MoE block expos
 >>> layer = models.load_layer(model, 0)                                                   # doctest: +SKIP
 """
 
-from .common.checkpoint import CheckpointReader, ShardWriter
+from .common.checkpoint import CheckpointError, CheckpointReader, ShardWriter
 from .common.config import ModelConfigError, MoEModelConfig, UnsupportedModelError
 from .common.decoder import DecoderLayer, MoEForCausalLM
 from .common.moe import SharedGateAct, SparseMoeBlock, TopKRouter, expert_token_weights
@@ -15,7 +15,7 @@ from .loading import (from_config, from_pretrained, iter_checkpoint_tensors, loa
 from .registry import FAMILIES, SUPPORTED_MODEL_TYPES, config_from_dict, family_of
 
 __all__ = [
-    "CheckpointReader", "ShardWriter", "ModelConfigError", "MoEModelConfig", "UnsupportedModelError", "DecoderLayer",
+    "CheckpointError", "CheckpointReader", "ShardWriter", "ModelConfigError", "MoEModelConfig", "UnsupportedModelError", "DecoderLayer",
     "MoEForCausalLM", "SharedGateAct", "SparseMoeBlock", "TopKRouter", "expert_token_weights", "from_config",
     "from_pretrained", "iter_checkpoint_tensors", "load_layer", "save_pretrained", "unload_layer", "FAMILIES",
     "SUPPORTED_MODEL_TYPES", "config_from_dict", "family_of",

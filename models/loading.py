@@ -19,7 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .common.checkpoint import CheckpointReader, ShardWriter
+from .common.checkpoint import CheckpointError, CheckpointReader, ShardWriter
+from .common.config import ModelConfigError
 from .common.decoder import MoEForCausalLM
 from .registry import config_from_dict, model_class_for
 
@@ -67,7 +68,15 @@ def read_config_dict(directory: Path) -> dict[str, Any]:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: a model directory needs a config.json.")
-    return json.loads(cfg_path.read_text())
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                               f"a model directory needs the config.json its checkpoint was saved with.") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{cfg_path} must hold a JSON object with the model's settings; "
+                               f"got {type(data).__name__}.")
+    return data
 
 
 def _build_on_meta(config_dict: dict[str, Any], dtype: torch.dtype) -> MoEForCausalLM:
@@ -76,6 +85,13 @@ def _build_on_meta(config_dict: dict[str, Any], dtype: torch.dtype) -> MoEForCau
     with torch.device("meta"):
         model = cls(config)
     return model.to(dtype)
+
+
+def skeleton(path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> MoEForCausalLM:
+    """The model of a LOCAL checkpoint directory built on the meta device from its config.json alone:
+    module names and shapes, no weight read (validating a recipe costs no model load)."""
+    config_dict = read_config_dict(Path(path))
+    return _build_on_meta(config_dict, resolve_dtype(dtype, config_dict))
 
 
 def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -95,13 +111,41 @@ def _checkpoint_keys(model: MoEForCausalLM, prefix: str = "") -> list[tuple[str,
             if k.startswith(prefix) and not (tied and k == "lm_head.weight")]
 
 
+def _check_keys(model: MoEForCausalLM) -> None:
+    """CheckpointError naming the tensors the model needs that the checkpoint lacks (headers only, no data)."""
+    missing = [k for k, _ in _checkpoint_keys(model) if k not in model.checkpoint]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"the checkpoint at {model.checkpoint.directory} is missing the tensor(s) "
+                              f"{', '.join(map(repr, missing[:3]))}{more} that its config.json "
+                              f"({model.config.model_type}) needs; the files are incomplete or from another model.")
+
+
+def _check_finite(key: str, raw: torch.Tensor, t: torch.Tensor, directory) -> None:
+    """CheckpointError when a loaded weight holds NaN/Inf (one fused max-norm pass, no copy)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if bool(torch.isfinite(torch.linalg.vector_norm(t, float("inf")))):
+        return
+    raw_finite = raw.is_floating_point() and bool(torch.isfinite(torch.linalg.vector_norm(raw, float("inf"))))
+    if raw_finite:
+        raise CheckpointError(f"the weight {key!r} in {directory} overflows to Inf in {t.dtype} "
+                              f"(stored as {raw.dtype}); set model.dtype to bfloat16 or float32.")
+    raise CheckpointError(f"the weight {key!r} in {directory} holds NaN or Inf values; the checkpoint "
+                          f"is corrupt or was saved from a diverged model, so it cannot be quantized.")
+
+
 def _materialize(model: MoEForCausalLM, prefix: str, device, dtype: torch.dtype | None) -> None:
     for key, meta in _checkpoint_keys(model, prefix):
-        t = model.checkpoint.read(key)
-        if t.shape != meta.shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(meta.shape)} "
-                             f"(does config.json match the weights?).")
-        _set_param(model, key, t.to(device=device, dtype=dtype or meta.dtype))
+        if key not in model.checkpoint:
+            _check_keys(model)
+        raw = model.checkpoint.read(key)
+        if raw.shape != meta.shape:
+            raise CheckpointError(f"{key}: checkpoint shape {tuple(raw.shape)} != model shape {tuple(meta.shape)} "
+                                  f"(does config.json match the weights?).")
+        t = raw.to(device=device, dtype=dtype or meta.dtype)
+        _check_finite(key, raw, t, model.checkpoint.directory)
+        _set_param(model, key, t)
     _retie(model)
 
 
@@ -122,6 +166,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: str | torch.dtype | No
     dtype = resolve_dtype(dtype, config_dict)
     model = _build_on_meta(config_dict, dtype)
     model.checkpoint = CheckpointReader(directory)
+    _check_keys(model)                     # every tensor is there (read from the headers, no data yet)
     device = torch.device(device or "cpu")
     model.lazy = lazy
     if lazy:

@@ -29,8 +29,12 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"output.dir {str(out)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
+                        f"choose an output.dir whose parents are directories")
     if not os.access(probe, os.W_OK):
-        raise UserError(f"output.dir {str(out)!r} cannot be created: {str(probe)!r} is not writable")
+        raise UserError(f"output.dir {str(out)!r} cannot be created: {str(probe)!r} is not writable; "
+                        f"choose an output.dir in a directory you can write to")
     return out
 
 

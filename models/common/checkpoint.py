@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -23,6 +23,16 @@ SINGLE_NAME = "model.safetensors"
 
 # per-expert key -> (fused key suffix, which part): gate/w1 = first half of gate_up, up/w3 = second half
 _EXPERT_KEY = re.compile(r"^(?P<block>.*)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+class CheckpointError(ValueError):
+    """A checkpoint directory whose files are truncated, corrupt, or lack a tensor the model needs."""
+
+
+def _corrupt(path: Path, e: Exception) -> CheckpointError:
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"the safetensors file '{path}' is truncated or corrupt ({why}); "
+                           f"download or save the checkpoint again")
+
+
 _FUSED_PART = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
                "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
 
@@ -37,18 +47,26 @@ class CheckpointReader:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         index = self.directory / INDEX_NAME
+        self._handles: dict[Path, object] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"the checkpoint index '{index}' is not valid: it must be JSON with a "
+                                      f"'weight_map' of tensor name -> shard file ({type(e).__name__}: {e})") from None
             self.key_to_file = {k: self.directory / f for k, f in weight_map.items()}
+            for f in sorted(set(self.key_to_file.values())):
+                if not f.is_file():
+                    raise CheckpointError(f"the shard '{f}' listed in '{index}' does not exist; "
+                                          f"the checkpoint download is incomplete")
+                self._handle(f)                 # parse every header now: a corrupt shard fails here
         else:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"no *.safetensors files in {self.directory}.")
             self.key_to_file = {}
             for f in files:
-                with safe_open(f, "pt") as h:
-                    self.key_to_file.update({k: f for k in h.keys()})
-        self._handles: dict[Path, object] = {}
+                self.key_to_file.update({k: f for k in self._handle(f).keys()})
 
     def keys(self) -> list[str]:
         return list(self.key_to_file)
@@ -58,7 +76,10 @@ class CheckpointReader:
 
     def _handle(self, path: Path):
         if path not in self._handles:  # keep files open: re-parsing a large shard header per tensor is slow
-            self._handles[path] = safe_open(path, "pt")
+            try:
+                self._handles[path] = safe_open(path, "pt")
+            except (SafetensorError, OSError) as e:
+                raise _corrupt(path, e) from None
         return self._handles[path]
 
     def close(self) -> None:
@@ -67,12 +88,20 @@ class CheckpointReader:
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under `key` (or sliced out of a fused expert tensor), in its stored dtype."""
         if key in self.key_to_file:
-            return self._handle(self.key_to_file[key]).get_tensor(key)
+            path = self.key_to_file[key]
+            try:
+                return self._handle(path).get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise _corrupt(path, e) from None
         src = self._fused_source(key)
         if src is None:
             raise KeyError(f"{key!r} is not in the checkpoint at {self.directory}.")
         fused_key, expert, half = src
-        w = self._handle(self.key_to_file[fused_key]).get_slice(fused_key)[expert]  # (2I, H) or (H, I)
+        path = self.key_to_file[fused_key]
+        try:
+            w = self._handle(path).get_slice(fused_key)[expert]  # (2I, H) or (H, I)
+        except (SafetensorError, OSError) as e:
+            raise _corrupt(path, e) from None
         if half is None:
             return w.contiguous()
         rows = w.shape[0] // 2
@@ -101,6 +130,16 @@ def parse_size(size: int | str) -> int:
     unit = (m[2] or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(m[1]) * scale)
+
+
+def _as_os_error(e: SafetensorError, path: Path) -> Exception:
+    """safetensors reports a failed write (disk full, read-only disk) as SafetensorError('... (os error 28)');
+    give it back as the OSError it is, so callers can tell a full disk from a bug."""
+    m = re.search(r"os error (\d+)", str(e))
+    if m is None:
+        return e
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 class ShardWriter:
@@ -134,7 +173,10 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.directory / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._current, str(path), metadata=self.metadata)
+        try:
+            save_file(self._current, str(path), metadata=self.metadata)
+        except SafetensorError as e:
+            raise _as_os_error(e, path) from None
         self._shards.append((path, list(self._current)))
         self._current, self._current_bytes = {}, 0
 
