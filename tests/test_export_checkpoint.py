@@ -232,7 +232,7 @@ def test_failed_write_leaves_nothing(work, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         run_session(cfg)
     assert not out.exists()
-    assert not [p.name for p in d.iterdir() if p.name.startswith(".out.")]
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".out.tmp-")]
 
 
 def test_existing_dir_refused_then_overwritten(work, monkeypatch):
@@ -251,7 +251,7 @@ def test_existing_dir_refused_then_overwritten(work, monkeypatch):
     _sharded(monkeypatch)
     s = run_session(cfg, ["--output.overwrite"])
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert not [p.name for p in d.iterdir() if p.name.startswith(".out.")]
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".out.tmp-")]
     for p in s.model.parameters():
         p.data = p.data.clone()                                        # see run()
     _CACHE[(str(work), "sharded")] = (s, out)
