@@ -148,6 +148,9 @@ class OutputConfig:
     overwrite: bool = False        # replace an existing output dir (else it is an error)
     save: bool = True              # write the quantized checkpoint
     format: Literal["compressed-tensors", "dequantized"] = "compressed-tensors"
+    # keep each finished layer's solved weights in .<dir name>.resume beside dir; rerunning the same
+    # command after a crash continues after the last finished layer (bit-identical result)
+    resume: bool = True
 
 
 @dataclass

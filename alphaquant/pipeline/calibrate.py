@@ -43,12 +43,13 @@ def build_and_walk(session, writer_factory) -> dict:
                             "layer/max_rel_error": rows[0]["max_rel_error"]}, step=i)
 
     out = session.out_dir if (writer_factory and rank0) else None
+    resume = _resume_state(session, rank0)
     t0 = time.perf_counter()
-    with (_atomic(out, cfg.output.overwrite)) as tmp, progress:
+    with (_atomic(out, cfg.output.overwrite)) as tmp, progress, _clear_on_user_error(resume):
         writer = writer_factory(tmp, solver.records) if tmp is not None else None
         walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
-                             on_layer_end=on_layer_end, progress=progress.group_done)
+                             on_layer_end=on_layer_end, progress=progress.group_done, resume=resume)
         perplexity = walker.run()
         results = {
             "run": session.name, "model": cfg.model.path, "family": adapter.family,
@@ -69,7 +70,38 @@ def build_and_walk(session, writer_factory) -> dict:
             writer.finish(extra_files={"alphaquant_recipe.json": _recipe_json(session),
                                        "alphaquant_summary.json": results})
     results["records"] = solver.records
+    if resume is not None:
+        trainer.strategy.barrier()      # every rank has read the resume state before rank 0 removes it
+        resume.clear()                  # the checkpoint is complete: nothing left to resume
     return results
+
+
+def _resume_state(session, rank0):
+    """The run's ResumeState (None when output.resume is off); says so when it resumes."""
+    cfg = session.cfg
+    if not cfg.output.resume:
+        return None
+    from pathlib import Path
+
+    from alphaquant.pipeline.resume import ResumeState, fingerprint
+    model_dir = cfg.model.path if Path(cfg.model.path).is_dir() else None
+    state = ResumeState(session.out_dir, fingerprint(cfg, model_dir), writer=rank0)
+    if state.layers_done and rank0:
+        print(f"resuming: layers 0-{state.layers_done - 1} were finished by an earlier run of this command "
+              f"({state.dir}); their solved weights are reused")
+    return state
+
+
+@contextlib.contextmanager
+def _clear_on_user_error(resume):
+    """A user error (bad data, NaN weights) will recur on a rerun: its partial state is no use."""
+    from alphaquant.errors import UserError
+    try:
+        yield
+    except UserError:
+        if resume is not None:
+            resume.clear()
+        raise
 
 
 def plots_dir(session, tmp):

@@ -48,7 +48,7 @@ def layer_error_table(records: dict, layer_stats) -> list[dict]:
                      "mean_rel_error": statistics.fmean(errs) if errs else 0.0,
                      "max_rel_error": max(errs) if errs else 0.0,
                      "fallbacks": sum(r.fallback is not None for r in recs),
-                     "seconds": st.seconds, "phases": st.phases})
+                     "seconds": st.seconds, "phases": st.phases, "restored": st.restored})
     return rows
 
 
@@ -60,7 +60,8 @@ def print_summary(console, layers, experts, ppl: dict, totals: dict) -> None:
         t.add_column(col, justify="right")
     for r in layers:
         t.add_row(str(r["layer"]), str(r["modules"]), f"{r['mean_rel_error']:.4g}",
-                  f"{r['max_rel_error']:.4g}", str(r["fallbacks"]), f"{r['seconds']:.2f}")
+                  f"{r['max_rel_error']:.4g}", str(r["fallbacks"]),
+                  f"{r['seconds']:.2f}" + (" (resumed)" if r.get("restored") else ""))
     console.print(t)
     if experts:
         t = Table(title="Tokens per expert")

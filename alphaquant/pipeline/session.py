@@ -85,7 +85,7 @@ class CalibrationSession:
 
         cfg = copy.deepcopy(self.cfg)
         cfg.calibration.hessian = mode
-        cfg.eval.before, cfg.eval.rtn, cfg.output.save = False, False, False
+        cfg.eval.before, cfg.eval.rtn, cfg.output.save, cfg.output.resume = False, False, False, False
         cfg.logging.wandb.mode, cfg.logging.csv.enabled = "disabled", False
         other = copy.copy(self)
         other.cfg, other.extra_perplexity = cfg, {}

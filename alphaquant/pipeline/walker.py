@@ -42,14 +42,16 @@ class LayerStats:
     index: int
     seconds: float
     phases: dict = field(default_factory=dict)     # pass kind -> seconds
+    restored: bool = False                          # solved weights came from the resume state
 
 
 class LayerWalker:
     def __init__(self, trainer, model, adapter, specs, datamodule, *, collector, solver, perplexity,
-                 opts: WalkOptions, writer=None, on_layer_end=None, progress=None):
+                 opts: WalkOptions, writer=None, on_layer_end=None, progress=None, resume=None):
         self.trainer, self.model, self.adapter, self.specs = trainer, model, adapter, specs
         self.dm, self.collector, self.solver, self.ppl = datamodule, collector, solver, perplexity
         self.opts, self.writer, self.on_layer_end, self.progress = opts, writer, on_layer_end, progress
+        self.resume = resume            # ResumeState: layers below resume.layers_done are replayed
         self.runner = LayerRunner(layer_kwargs=self.adapter.layer_kwargs_fn(model))
         self.layer_stats: list[LayerStats] = []
 
@@ -60,6 +62,8 @@ class LayerWalker:
         self.runner.set_block(block, PassPlan(phase, stream, **plan))
         self.trainer.predict(self.runner, datamodule=self.dm, return_predictions=False)
         if stats is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()      # the pass's kernels count in its own phase
             key = phase if phase != "collect" else "collect+solve"
             stats.phases[key] = stats.phases.get(key, 0.0) + time.perf_counter() - t0
 
@@ -85,27 +89,36 @@ class LayerWalker:
             windows = self.dm.windows["calib" if s == "calib" else "eval"]
             self.runner.stores[s] = SampleStore(windows, embed, self.opts.cache_device)
         n = self.adapter.num_layers(self.model)
+        done = self.resume.layers_done if self.resume is not None else 0
         for i in range(n):
-            self._layer(i, last=(i == n - 1))
+            self._layer(i, last=(i == n - 1), replay=i < done)
         if self.opts.evaluate:
             head = self.adapter.head_module(self.model)
             for s in self._streams()[1:]:
                 self._predict(head, "head", s)
         return self.ppl.results
 
-    def _layer(self, i, last):
+    def _layer(self, i, last, replay=False):
+        """Quantize layer i; with `replay`, take its solved weights from the resume state instead."""
         stats = LayerStats(i, 0.0)
         t0 = time.perf_counter()
         layer = self.adapter.load_layer(self.model, i)
+        stats.phases["load"] = time.perf_counter() - t0
         if self.opts.evaluate and self.opts.eval_before:
             self._predict(layer, "propagate", "eval_fp", stats)
         aq_handles = activation_hooks(layer, self.adapter.layer_prefix(i), self.specs)
         if self.opts.evaluate and self.opts.eval_rtn:
             self._predict(self._rtn_copy(i, layer), "propagate", "eval_rtn", stats)
-        for g, group in enumerate(self._groups(i, layer)):
-            self._predict(layer, "collect", "calib", stats, layer_index=i, group_index=g, group=group)
-            if self.progress:
-                self.progress(i, g)
+        if replay:
+            self._restore(i, layer)
+            stats.restored = True
+        else:
+            for g, group in enumerate(self._groups(i, layer)):
+                self._predict(layer, "collect", "calib", stats, layer_index=i, group_index=g, group=group)
+                if self.progress:
+                    self.progress(i, g)
+            for key, cb in (("hessian", self.collector), ("solve", self.solver)):   # parts of collect+solve
+                stats.phases[key] = getattr(cb, "layer_seconds", {}).pop(i, 0.0)
         if not last:
             self._predict(layer, "propagate", "calib", stats)
         if self.opts.evaluate:
@@ -117,6 +130,8 @@ class LayerWalker:
             t1 = time.perf_counter()
             self.writer.write_layer(i, layer)
             stats.phases["write"] = time.perf_counter() - t1
+        if self.resume is not None and not replay:
+            self._save_resume(i, layer, stats)
         self.adapter.unload_layer(self.model, i)
         if not getattr(self.model, "lazy", False):
             layer.to("cpu")       # an eager model keeps its layers: give the accelerator back
@@ -124,6 +139,25 @@ class LayerWalker:
         self.layer_stats.append(stats)
         if self.on_layer_end:
             self.on_layer_end(i, stats)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _layer_records(self, i):
+        prefix = self.adapter.layer_prefix(i)
+        return prefix, {n: r for n, r in self.solver.records.items() if n.startswith(prefix)}
+
+    def _save_resume(self, i, layer, stats):
+        prefix, records = self._layer_records(i)
+        weights = {n: layer.get_submodule(n[len(prefix):]).weight for n in records}
+        self.resume.save_layer(i, weights, records, {"phases": dict(stats.phases)})
+
+    @torch.no_grad()
+    def _restore(self, i, layer) -> None:
+        """Layer i's solved weights and records from the resume state (no Hessians, no solve)."""
+        prefix = self.adapter.layer_prefix(i)
+        weights, records, _saved = self.resume.load_layer(i, self.specs)
+        for n, w in weights.items():
+            layer.get_submodule(n[len(prefix):]).weight.copy_(w)
+        self.solver.records.update(records)
 
     @torch.no_grad()
     def _rtn_copy(self, i, layer):

@@ -1,0 +1,126 @@
+"""Resume after a crash: after each decoder layer, what is needed to skip its GPTQ work later.
+
+    <output.dir's parent>/.<name>.resume/
+        state.json             {"fingerprint": ..., "layers_done": k, ...}   (written last, atomically)
+        layer_00000.safetensors  the quantized weights of layer 0's solved linears (model dtype)
+        layer_00000.pt           their ModuleRecords (scales/zeros/g_idx, tokens, errors) + layer timings
+        ...
+
+A rerun of the same command finds state.json, checks that everything that decides the
+quantized weights (model, calibration data, recipe, GPTQ options, seed) is unchanged, and
+replays layers 0..k-1: it loads their saved quantized weights instead of collecting
+Hessians and solving, and propagates the activation streams through them exactly as the
+first run did (same batches, same kernels), so layers k.. see bit-identical inputs and the
+final checkpoint is bit-identical to an uninterrupted run. Only weights are saved (about
+one checkpoint's worth in total), never the activation caches (gigabytes per layer).
+
+Files are written to a temporary name and renamed, and state.json is replaced last, so a
+SIGKILL at any moment leaves the previous consistent state. The directory is removed when
+the run ends successfully. Under DDP rank 0 writes and every rank reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_VERSION = 1
+
+
+def resume_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.resume"
+
+
+def fingerprint(cfg, model_dir: str | None) -> str:
+    """Hash of everything that decides the quantized weights (not eval, logging, output, trainer)."""
+    d = cfg.to_dict()
+    keep = {k: d[k] for k in ("model", "calibration", "quant", "gptq", "seed")}
+    keep["calibration"] = {k: v for k, v in keep["calibration"].items() if k not in ("batch_size", "min_tokens_warn")}
+    keep["version"] = STATE_VERSION
+    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        keep["model_config"] = (Path(model_dir) / "config.json").read_text()
+    data = Path(cfg.calibration.dataset)
+    if data.is_file():                        # the data itself, not only its name
+        h = hashlib.sha256()
+        with data.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        keep["data"] = h.hexdigest()
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class ResumeState:
+    """The resume directory of one run; `layers_done` is 0 for a fresh run."""
+
+    def __init__(self, out_dir, fp: str, *, writer: bool = True):
+        self.dir = resume_dir(out_dir)
+        self.fp, self.writer = fp, writer
+        self.layers_done = 0
+        state = self.dir / "state.json"
+        if state.is_file():
+            saved = json.loads(state.read_text())
+            if saved.get("fingerprint") == fp:
+                self.layers_done = int(saved["layers_done"])
+            elif writer:                      # another model/data/recipe: its layers are of no use here
+                print(f"note: discarding {self.dir}: it was saved by a run with a different model, data, "
+                      f"recipe or GPTQ options")
+                self.clear()
+
+    # -- writing ---------------------------------------------------------------------------
+    def save_layer(self, i: int, weights: dict[str, torch.Tensor], records: dict, stats: dict) -> None:
+        """After layer i: its solved weights, records and timings; then state.json says i+1 done."""
+        if not self.writer:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        base = self.dir / f"layer_{i:05d}"
+        _atomic_write(base.with_suffix(".safetensors"),
+                      lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(p)))
+        _atomic_write(base.with_suffix(".pt"),
+                      lambda p: torch.save({"records": {n: _record_dict(r) for n, r in records.items()},
+                                            "stats": stats}, p))
+        _atomic_write(self.dir / "state.json", lambda p: p.write_text(json.dumps(
+            {"fingerprint": self.fp, "layers_done": i + 1, "version": STATE_VERSION,
+             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n"))
+        self.layers_done = i + 1
+
+    def clear(self) -> None:
+        import shutil
+        if self.writer:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- reading ---------------------------------------------------------------------------
+    def load_layer(self, i: int, specs: dict):
+        """(weights {full name: tensor}, records {full name: ModuleRecord}, stats dict) of layer i."""
+        from callbacks.solve import ModuleRecord
+        from alphaquant.formats.base import QParams
+
+        base = self.dir / f"layer_{i:05d}"
+        weights = load_file(str(base.with_suffix(".safetensors")))
+        saved = torch.load(base.with_suffix(".pt"), weights_only=True)
+        records = {}
+        for n, r in saved["records"].items():
+            params = QParams(r["scale"], r["zero"], r["params_extra"])
+            records[n] = ModuleRecord(name=n, spec=specs[n], params=params, g_idx=r["g_idx"], tokens=r["tokens"],
+                                      weight_sum=r["weight_sum"], loss=r["loss"], rel_error=r["rel_error"],
+                                      fallback=r["fallback"], extra=r["extra"])
+        return weights, records, saved["stats"]
+
+
+def _record_dict(r) -> dict:
+    cpu = lambda t: t.detach().cpu() if torch.is_tensor(t) else t  # noqa: E731
+    return {"scale": cpu(r.params.scale), "zero": cpu(r.params.zero),
+            "params_extra": {k: cpu(v) for k, v in r.params.extra.items()}, "g_idx": cpu(r.g_idx),
+            "tokens": int(r.tokens), "weight_sum": float(r.weight_sum), "loss": float(r.loss),
+            "rel_error": float(r.rel_error), "fallback": r.fallback, "extra": dict(r.extra)}

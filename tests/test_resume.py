@@ -1,0 +1,120 @@
+"""Resume after SIGKILL, and determinism.
+
+A run killed with SIGKILL right after a decoder layer's state was saved, then started again
+with the same command, must write a checkpoint bit-identical to an uninterrupted run; the
+same config and seed must give bit-identical output twice on the same machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny
+from pipeline_utils import write_config
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS = 4
+
+# train_quant.py with ResumeState.save_layer patched to SIGKILL the process once layer KILL_AT is saved
+# (the kill is real: no cleanup handlers, no finally blocks run).
+KILLER = """
+import os, signal, sys
+from alphaquant.pipeline import resume
+kill_at = int(os.environ["KILL_AT"])
+save = resume.ResumeState.save_layer
+def save_then_die(self, i, *args, **kwargs):
+    save(self, i, *args, **kwargs)
+    if i == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+resume.ResumeState.save_layer = save_then_die
+from alphaquant.app import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cmd(cfg: Path, *, kill_at: int | None = None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if kill_at is None:
+        argv = [sys.executable, str(REPO / "train_quant.py"), "--config", str(cfg)]
+    else:
+        argv = [sys.executable, "-c", KILLER, "--config", str(cfg)]
+        env["KILL_AT"] = str(kill_at)
+    return subprocess.run(argv, cwd=cfg.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    ckpt = tiny.make_checkpoint("olmoe", tmp / "olmoe", num_hidden_layers=LAYERS)
+    corpus = tiny.write_corpus(tmp)
+
+    def config(name: str) -> Path:
+        return write_config(tmp / f"{name}.yaml", ckpt, corpus,
+                            eval={"rtn": True, "max_windows": 4},
+                            output={"save": True, "dir": str(tmp / name)})
+
+    ref = config("uninterrupted")
+    proc = _cmd(ref)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, config
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.suffix in (".safetensors", ".json")
+            and p.name != "alphaquant_summary.json" and p.name != "alphaquant_recipe.json"}
+
+
+@pytest.mark.parametrize("kill_at", [0, 2])
+def test_sigkill_then_rerun_is_bit_identical(setup, kill_at):
+    tmp, config = setup
+    name = f"killed_at_{kill_at}"
+    cfg = config(name)
+    proc = _cmd(cfg, kill_at=kill_at)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state_dir = tmp / f".{name}.resume"
+    assert json.loads((state_dir / "state.json").read_text())["layers_done"] == kill_at + 1
+    assert not (tmp / name).exists()                     # no checkpoint under the requested name
+
+    proc = _cmd(cfg)                                     # the same command again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming: layers 0-{kill_at}" in proc.stdout
+    assert not state_dir.exists()                        # removed once the checkpoint is complete
+    ref, got = _files(tmp / "uninterrupted"), _files(tmp / name)
+    assert ref.keys() == got.keys() and "model.safetensors" in ref
+    for k in ref:
+        assert ref[k] == got[k], f"{k} differs from the uninterrupted run"
+    a, b = (json.loads((d / "alphaquant_summary.json").read_text()) for d in (tmp / "uninterrupted", tmp / name))
+    assert a["perplexity"] == b["perplexity"]           # the eval streams were replayed exactly
+    assert {n: (m["tokens"], m["rel_error"]) for n, m in a["modules"].items()} == \
+        {n: (m["tokens"], m["rel_error"]) for n, m in b["modules"].items()}
+    assert [r["restored"] for r in b["layers"]] == [i <= kill_at for i in range(LAYERS)]
+
+
+def test_resume_state_of_another_recipe_is_discarded(setup):
+    tmp, config = setup
+    cfg = config("changed")
+    assert _cmd(cfg, kill_at=0).returncode == -signal.SIGKILL
+    text = cfg.read_text().replace("wq: int4", "wq: int8")
+    assert text != cfg.read_text()
+    cfg.write_text(text)
+    proc = _cmd(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "discarding" in proc.stdout and "resuming" not in proc.stdout
+    summary = json.loads((tmp / "changed" / "alphaquant_summary.json").read_text())
+    assert not any(r["restored"] for r in summary["layers"])
+
+
+def test_same_config_and_seed_are_bit_identical(setup):
+    tmp, config = setup
+    cfg = config("again")
+    proc = _cmd(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(tmp / "uninterrupted") == _files(tmp / "again")
+    a, b = (json.loads((tmp / d / "alphaquant_summary.json").read_text()) for d in ("uninterrupted", "again"))
+    assert a["perplexity"] == b["perplexity"] and a["experts"] == b["experts"]
