@@ -16,15 +16,22 @@ Modes (config `calibration.hessian`):
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from alphaquant.gptq import HessianState
-from alphaquant.routing import expert_token_weights
+from alphaquant.gptq.hessian import accumulate_hessian_fast, accumulate_segments
+from alphaquant.routing import RoutePlan, expert_token_weights
 from callbacks.hooks import Source, hessian_keys, linear_input, weight_sources
 
 MODES = ("routed", "uniform", "all_experts")
+
+
+class StopForward(Exception):
+    """Raised by a collect-pass hook once the layer forward has produced every input the group needs."""
 
 
 class HessianCollector(Callback):
@@ -36,6 +43,9 @@ class HessianCollector(Callback):
         self.keys: dict[str, str] = {}
         self.routed_tokens: dict[str, torch.Tensor] = {}   # block -> [num_experts] tokens this group
         self._handles, self._inputs, self._routing, self._gates, self._block_in = [], [], {}, {}, {}
+        self.layer_seconds: dict[int, float] = {}   # layer index -> Hessian-update seconds (the walker pops them)
+        self._timer = None
+        self.early_stop = True       # stop each collect forward once the group's inputs exist
 
     # -- lifecycle ------------------------------------------------------------------------
     def on_predict_start(self, trainer, runner):
@@ -45,15 +55,27 @@ class HessianCollector(Callback):
         self.blocks = self.adapter.moe_blocks(layer)
         self.keys = hessian_keys(group, layer)
         self.sources = weight_sources(group, self.blocks)
-        self.states = {k: HessianState.zeros(layer.get_submodule(k).in_features, device=runner.device)
-                       for k in dict.fromkeys(self.keys.values())}
+        self._plan_batched(layer, group, runner.device)
+        for k in dict.fromkeys(self.keys.values()):
+            if k not in self.states:
+                self.states[k] = HessianState.zeros(layer.get_submodule(k).in_features, device=runner.device)
         self.routed_tokens = {b.name: torch.zeros(b.num_experts, dtype=torch.long, device=runner.device)
                               for b in self.blocks}
         for name in group:
-            self._hook_input(layer, name)
+            if name not in self._from_block_input:
+                self._hook_input(layer, name)
         for b in self.blocks:
             self._hook_routing(layer, b)
-        self._handles.append(layer.register_forward_hook(lambda *_: self._flush(layer)))
+        self._handles.append(layer.register_forward_hook(lambda *_: self._timed_flush(layer)))
+        self._timer = FlushTimer(runner.device)
+        # early stop: a group of plain linears stops at the pre-hook of the last one the forward calls
+        # (learned on the first batch); a group fed only from MoE block inputs stops at the router
+        plain = all(self.sources[n].kind == "plain" and not self._is_expert(n) for n in group)
+        self._stop_name, self._learn_stop = None, self.early_stop and plain
+        self._stop_at_router = (self.early_stop and len(group) > 0
+                                and all(n in self._from_block_input for n in group))
+        if self._learn_stop or self._stop_at_router:
+            self._wrap_forward(layer)
 
     def on_predict_end(self, trainer, runner):
         if runner.plan.phase != "collect":
@@ -61,6 +83,10 @@ class HessianCollector(Callback):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if "forward" in vars(runner.block):
+            del runner.block.forward
+        i = runner.plan.layer_index
+        self.layer_seconds[i] = self.layer_seconds.get(i, 0.0) + self._timer.seconds()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for key in sorted(self.states):
                 st = self.states[key]
@@ -69,35 +95,92 @@ class HessianCollector(Callback):
             for name in sorted(self.routed_tokens):
                 dist.all_reduce(self.routed_tokens[name])
 
+    def _wrap_forward(self, layer):
+        """The layer's forward, returning its input when a hook stops it (collect output is unused);
+        forward hooks (the flush) still run. Removed again in on_predict_end."""
+        fwd = layer.forward
+
+        def forward(*args, **kwargs):
+            try:
+                return fwd(*args, **kwargs)
+            except StopForward:
+                return args[0] if args else next(iter(kwargs.values()))
+        layer.forward = forward
+
+    # -- experts batched per block ------------------------------------------------------------
+    def _is_expert(self, name):
+        return any(name.startswith(p + ".") for b in self.blocks for p in b.expert_prefixes.values())
+
+    def _plan_batched(self, layer, group, device):
+        """One [E, C, C] state per (MoE block, Hessian key leaf), its rows the experts' states (views),
+        updated for all experts at once from rows sorted by expert (RoutePlan). Gate/up of routed experts
+        whose linears carry no other input hooks (activation quantization) are fed straight from the
+        block input and the routing, without hooking (or, with early stop, even running) the experts."""
+        self.states, self.batched, self._from_block_input = {}, {}, set()
+        for b in self.blocks:
+            g, u, _d = b.proj_names
+            leaves: dict[str, dict[int, str]] = {}
+            for name, key in self.keys.items():
+                src = self.sources[name]
+                if src.kind == "expert" and src.block == b.name:
+                    leaves.setdefault(key[len(b.expert_prefixes[src.expert]) + 1:], {})[src.expert] = key
+            for leaf, experts in leaves.items():
+                C = layer.get_submodule(next(iter(experts.values()))).in_features
+                big = HessianState.zeros(C, experts=b.num_experts, device=device)
+                for e, key in experts.items():
+                    self.states[key] = HessianState(big.H[e], big.n_tokens[e], big.weight_sum[e])
+                members = [n for n in self.keys if self.sources[n].kind == "expert" and self.sources[n].block == b.name
+                           and self.keys[n] in experts.values()]
+                bare = all(not layer.get_submodule(n)._forward_pre_hooks for n in members)
+                from_input = leaf == g and bare and all(n.rsplit(".", 1)[1] in (g, u) for n in members)
+                self.batched[(b.name, leaf)] = (big, experts, from_input)
+                if from_input:
+                    self._from_block_input.update(members)
+
     # -- hooks ------------------------------------------------------------------------------
     def _hook_input(self, layer, name):
         def pre(_mod, args):
             x = args[0]
             self._inputs.append((name, x.reshape(-1, x.shape[-1])))
+            if name == self._stop_name:
+                raise StopForward
         self._handles.append(layer.get_submodule(name).register_forward_pre_hook(pre))
 
     def _hook_routing(self, layer, b):
         def routed(_mod, _args, out):
             self._routing[b.name] = (out[0].reshape(-1, out[0].shape[-1]), out[1].reshape(-1, out[1].shape[-1]))
+            if self._stop_at_router and all(bl.name in self._routing for bl in self.blocks):
+                raise StopForward
         self._handles.append(layer.get_submodule(b.router_name).register_forward_hook(routed))
         if b.shared_gate:
             def gate(_mod, _args, out):
                 self._gates[b.name] = torch.sigmoid(out.float()).reshape(-1)
             self._handles.append(layer.get_submodule(b.shared_gate).register_forward_hook(gate))
-        if self.mode == "all_experts":
+        if self.mode == "all_experts" or any(k[0] == b.name and v[2] for k, v in self.batched.items()):
             def block_in(_mod, args):
                 self._block_in[b.name] = args[0].reshape(-1, args[0].shape[-1])
             self._handles.append(layer.get_submodule(b.name).register_forward_pre_hook(block_in))
 
     # -- accumulation -----------------------------------------------------------------------
+    def _timed_flush(self, layer):
+        self._timer.start()
+        self._flush(layer)
+        self._timer.stop()
+
     def _flush(self, layer):
         """Turn the buffered inputs of one layer forward into Hessian updates."""
         inputs, self._inputs = self._inputs, []
+        if self._learn_stop and inputs:
+            self._stop_name, self._learn_stop = inputs[-1][0], False    # the last group input the forward makes
+        plans = {}
         for b in self.blocks:
             ids = self._routing.get(b.name)
             if ids is not None:
                 self.routed_tokens[b.name] += torch.bincount(ids[0].reshape(-1), minlength=b.num_experts)
+                if any(k[0] == b.name for k in self.batched):
+                    plans[b.name] = RoutePlan(ids[0], ids[1], b.num_experts)
         seen: dict[str, int] = {}
+        expert_rows: dict[tuple, dict[int, torch.Tensor]] = {}
         for name, x in inputs:
             key, src = self.keys[name], self.sources[name]
             if self.mode == "all_experts" and src.kind == "expert":
@@ -108,11 +191,53 @@ class HessianCollector(Callback):
                     raise RuntimeError(f"{name} and {key} were assumed to share an input but did not")
                 continue
             seen[key] = ptr
+            if src.kind == "expert":
+                leaf = key[len(self._prefix(src)) + 1:]
+                expert_rows.setdefault((src.block, leaf), {})[src.expert] = x
+                continue
             self.states[key].add(x, self._token_weights(name, src, x.shape[0]))
-        if self.mode == "all_experts":
+        for (block, leaf), xs in expert_rows.items():
+            self._add_routed(block, leaf, xs, plans[block])
+        if self.mode != "all_experts":
+            for (block, leaf), (big, experts, from_input) in self.batched.items():
+                if from_input:
+                    plan = plans[block]
+                    X, counts, w, ex = self._select(plan, experts, big.H.shape[0], self._block_in[block])
+                    accumulate_segments(big, X, counts, w if self.mode == "routed" else None, ex)
+        else:
             self._flush_all_experts(layer)
             self._inputs.clear()      # the expert re-runs above re-fired the routed input hooks
         self._routing.clear(), self._gates.clear(), self._block_in.clear()
+
+    def _prefix(self, src: Source) -> str:
+        return next(b for b in self.blocks if b.name == src.block).expert_prefixes[src.expert]
+
+    @staticmethod
+    def _select(plan: RoutePlan, experts: dict, E: int, x: torch.Tensor | None = None):
+        """Rows of the plan for the experts in `experts` (all, usually): (x rows or None, counts, weights, experts)."""
+        counts = [plan.counts[e] if e in experts else 0 for e in range(E)]
+        if len(experts) == E:
+            tok, w, ex = plan.tokens, plan.weights, plan.experts
+        else:
+            parts = [plan.rows(e) for e in sorted(experts) if plan.counts[e]]
+            cat = lambda t: torch.cat([t[r] for r in parts]) if parts else t[:0]  # noqa: E731
+            tok, w, ex = cat(plan.tokens), cat(plan.weights), cat(plan.experts)
+        return (x.index_select(0, tok) if x is not None else None), counts, w, ex
+
+    def _add_routed(self, block, leaf, xs: dict, plan: RoutePlan):
+        """Hooked per-expert inputs (rows in the plan's order) into the block's batched state."""
+        big, experts, _ = self.batched[(block, leaf)]
+        E = big.H.shape[0]
+        for e, x in xs.items():
+            if x.shape[0] != plan.counts[e]:
+                raise RuntimeError(f"{experts[e]} saw {x.shape[0]} tokens but its router sent {plan.counts[e]}")
+        _, counts, w, ex = self._select(plan, experts, E)
+        missing = [experts[e] for e in experts if counts[e] and e not in xs]
+        if missing:
+            raise RuntimeError(f"{missing[0]} was routed tokens but its input was not seen")
+        X = torch.cat([xs[e] for e in sorted(xs)]) if xs else None
+        if X is not None:
+            accumulate_segments(big, X, counts, w if self.mode == "routed" else None, ex)
 
     def _token_weights(self, name, src: Source, rows: int):
         if self.mode != "routed" or src.kind == "plain":
@@ -128,10 +253,51 @@ class HessianCollector(Callback):
     def _flush_all_experts(self, layer):
         """Every token through every expert of the group (Hessians only; outputs unused)."""
         for b in self.blocks:
-            x = self._block_in[b.name]                                   # [T, H]
+            x = self._block_in.get(b.name)                               # [T, H]
+            if x is None:          # the forward stopped before this block: the group has none of its experts
+                continue
+            for (block, leaf), (big, experts, from_input) in self.batched.items():
+                if block == b.name and from_input:                       # gate/up: the block input itself
+                    G = accumulate_hessian_fast(torch.zeros_like(big.H[0]), x)
+                    for e in experts:
+                        big.H[e].add_(G)
+                        big.n_tokens[e] += x.shape[0]
+                        big.weight_sum[e] += x.shape[0]
             for e, prefix in b.expert_prefixes.items():
-                names = [n for n in self.keys if n.startswith(prefix + ".")]
+                names = [n for n in self.keys if n.startswith(prefix + ".") and n not in self._from_block_input]
                 if not names:
                     continue
                 for key in dict.fromkeys(self.keys[n] for n in names):
                     self.states[key].add(linear_input(layer.get_submodule(prefix), key[len(prefix) + 1:], x))
+
+
+class FlushTimer:
+    """Time spent in Hessian updates over one pass, without a host sync per batch.
+
+    On CUDA each flush is bracketed by two events and the elapsed times are summed once at the
+    end of the pass (GPU time of the update kernels); elsewhere the host clock is used.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.events, self.host, self._t = [], 0.0, 0.0
+
+    def start(self):
+        if self.cuda:
+            self.events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            self.events[-1][0].record()
+        else:
+            self._t = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.host += time.perf_counter() - self._t
+
+    def seconds(self) -> float:
+        if self.cuda and self.events:
+            self.events[-1][1].synchronize()
+            self.host += sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
+            self.events = []
+        return self.host

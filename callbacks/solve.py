@@ -45,6 +45,7 @@ class GPTQSolve(Callback):
         self.opts = gptq_opts           # block_size, damp, act_order, static_groups
         self.records: dict[str, ModuleRecord] = {}
         self.solve_seconds = 0.0
+        self.layer_seconds: dict[int, float] = {}   # layer index -> solve seconds (the walker pops them)
 
     def on_predict_end(self, trainer, runner):
         if runner.plan.phase != "collect":
@@ -53,7 +54,10 @@ class GPTQSolve(Callback):
         prefix = self.layer_prefix(runner.plan.layer_index)
         for (spec, _r, _c), stacks in self._buckets(runner, prefix).items():
             self._solve_bucket(runner.block, prefix, spec, stacks)
-        self.solve_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.solve_seconds += dt
+        i = runner.plan.layer_index
+        self.layer_seconds[i] = self.layer_seconds.get(i, 0.0) + dt
 
     def _buckets(self, runner, prefix):
         """{(spec, rows, cols): [(key, [member names])]} for the current group."""

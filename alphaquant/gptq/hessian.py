@@ -120,3 +120,69 @@ class HessianState:
         """
         n = self.n_tokens.clamp(min=1).to(torch.float32)             # [] or [E]
         return self.H * (2.0 / n).reshape(*n.shape, 1, 1)
+
+
+def _tf32_split(t: torch.Tensor):
+    """t (fp32) = hi + lo with hi exactly representable in TF32 (10 mantissa bits)."""
+    hi = (t.view(torch.int32) & -8192).view(torch.float32)             # clear the 13 low mantissa bits
+    return hi, t - hi
+
+
+class _TF32:
+    """Let fp32 matmuls use TF32 tensor cores inside the block (the global setting is restored after)."""
+
+    def __enter__(self):
+        self.old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.old)
+
+
+def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`accumulate_hessian` for a 2D H that may use TF32 tensor cores on CUDA, at fp32 accuracy.
+
+    Taken when x is CUDA bf16/fp16: its values are exact in TF32, so X^T X in TF32 has exact
+    products and fp32 accumulation; a routing-weighted operand c*x (fp32) is split into
+    hi + lo TF32 parts (two products, ~2^-21 relative error). Anything else (CPU, fp32
+    inputs) takes `accumulate_hessian` unchanged, bit for bit.
+    """
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and H.dim() == 2):
+        return accumulate_hessian(H, x, weight)
+    xf = x.reshape(-1, x.shape[-1]).float()
+    with _TF32():
+        if weight is None:
+            H.addmm_(xf.T, xf)
+        else:
+            hi, lo = _tf32_split(xf * weight.reshape(-1, 1).float())
+            H.addmm_(hi.T, xf)
+            H.addmm_(lo.T, xf)
+    return H
+
+
+def accumulate_segments(state: "HessianState", x_sorted: torch.Tensor, counts: list[int],
+                        weight: torch.Tensor | None = None, experts: torch.Tensor | None = None) -> None:
+    """All experts of a batched state at once: state.H[e] += Σ c x xᵀ over expert e's rows.
+
+    x_sorted [N, C]: rows grouped by expert, counts[e] rows for expert e (host ints, in order).
+    weight [N] (routing weights; None = 1) and experts [N] (expert of each row; needed with
+    weights, for the token counts). One matmul per expert with rows, no host syncs. On CPU each
+    expert's update is exactly `accumulate_hessian(H[e], rows, weights)`.
+    """
+    E = state.H.shape[0]
+    if len(counts) != E or sum(counts) != x_sorted.shape[0]:
+        raise ValueError(f"counts {len(counts)} experts / {sum(counts)} rows do not match H [{E}] and x {tuple(x_sorted.shape)}")
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            c = None if weight is None else weight[start:start + n]
+            accumulate_hessian_fast(state.H[e], x_sorted[start:start + n], c)
+        start += n
+    if weight is None:
+        cnt = torch.tensor(counts, dtype=torch.int64, device=state.n_tokens.device)
+        state.n_tokens += cnt
+        state.weight_sum += cnt.to(torch.float64)
+    else:
+        w = weight.reshape(-1).float()
+        state.n_tokens.index_add_(0, experts, (w > 0).to(torch.int64))
+        state.weight_sum.index_add_(0, experts, w.double())
