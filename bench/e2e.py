@@ -1,0 +1,587 @@
+"""End to end at real model shapes: AlphaQuant vs llm-compressor GPTQ W4A16 g128, same checkpoint and tokens.
+
+    PYTHONPATH=. python bench/e2e.py --out bench/results/e2e.json            # OLMoE-1B-7B, all 16 layers
+    PYTHONPATH=. python bench/e2e.py --llmc-layers 4 ...                     # llm-compressor on a 4-layer cut
+    PYTHONPATH=. python bench/e2e.py --quick --device cpu --no-llmc          # smoke run, tiny shapes, < 1 min
+
+Stages, each in its own process so that peak host memory (ru_maxrss) and peak GPU memory are
+the stage's own:
+  build   a random checkpoint with the family's real shapes (hub layout, per-expert keys, bf16,
+          weights N(0, 0.02)), a throwaway tokenizer, and random calibration tokens; the windows are
+          drawn with `alphaquant.data.calibration_windows`, exactly as our pipeline draws them.
+  ours    `CalibrationSession` in-process from a config dict (int4 g128 symmetric for every linear
+          of the decoder layers, routers and lm_head kept, eval off, checkpoint written), timed
+          from model load to the last byte written; per-layer phases from the walker.
+  llmc    llm-compressor's oneshot with GPTQModifier(targets Linear, scheme W4A16, ignore lm_head
+          and the router gates), model loaded with its MoE linearisation, the compressed
+          checkpoint saved; then the error measurement below (its memory is taken before that).
+  errors  (run in the llmc process, or alone with --no-llmc) every decoder layer run with our
+          model code over the calibration windows: the fp layer, our quantized layer (read back
+          from our checkpoint) and llm-compressor's (its in-memory dequantized weights), each
+          given (a) the fp layer's input ("local") and (b) its own model's previous output
+          ("propagated"); reported as ||Y_q - Y_fp|| / ||Y_fp|| per layer.
+
+Output: a table on stdout, the JSON (--out) and a markdown table beside it (.md) that
+includes the exact command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Hub config.json values of the real models (the fields our model code and transformers read).
+SHAPES = {
+    "olmoe": dict(  # allenai/OLMoE-1B-7B-0924
+        model_type="olmoe", architectures=["OlmoeForCausalLM"], vocab_size=50304, hidden_size=2048,
+        intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, rope_theta=10000.0, clip_qkv=None, attention_bias=False, tie_word_embeddings=False,
+        hidden_act="silu", initializer_range=0.02, pad_token_id=1, eos_token_id=50279, bos_token_id=None),
+    "qwen2_moe": dict(  # Qwen/Qwen1.5-MoE-A2.7B
+        model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+        intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, num_experts=60,
+        num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+        hidden_act="silu", initializer_range=0.02, use_sliding_window=False, eos_token_id=151643),
+    "mixtral": dict(  # mistralai/Mixtral-8x7B-v0.1
+        model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096,
+        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, hidden_act="silu",
+        initializer_range=0.02, bos_token_id=1, eos_token_id=2),
+}
+NAMES = {"olmoe": "OLMoE-1B-7B", "qwen2_moe": "Qwen1.5-MoE-A2.7B", "mixtral": "Mixtral-8x7B"}
+# --quick: same families, tiny widths (multiples of 128 so group size 128 divides every input)
+QUICK = {"olmoe": dict(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2),
+         "qwen2_moe": dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                           shared_expert_intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, num_experts=8, num_experts_per_tok=2),
+         "mixtral": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)}
+ROUTER_IGNORE = {"olmoe": ["re:.*mlp\\.gate$"], "qwen2_moe": ["re:.*mlp\\.gate$", "re:.*shared_expert_gate$"],
+                 "mixtral": ["re:.*block_sparse_moe\\.gate$"]}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory(device) -> dict:
+    out = {"host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.device(device).type == "cuda":
+        out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
+def model_config(args) -> dict:
+    cfg = dict(SHAPES[args.family])
+    if args.quick:
+        cfg.update(QUICK[args.family])
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    return cfg
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# build: checkpoint, tokenizer, tokens
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the model's vocabulary (calibration reads token files; the
+    pipeline and llm-compressor only need a loadable tokenizer)."""
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tm.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t2", pad_token="t1").save_pretrained(
+        directory)
+
+
+@torch.no_grad()
+def stage_build(args, work: Path) -> dict:
+    import models
+    from alphaquant.data import calibration_windows
+    from models.registry import config_from_dict, model_class_for
+
+    t0 = time.perf_counter()
+    cfg = model_config(args)
+    ckpt = work / "model"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    config = config_from_dict(cfg)
+    with torch.device("meta"):
+        meta = model_class_for(cfg["model_type"])(config)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    n_params = 0
+    with models.ShardWriter(ckpt, "4GB") as writer:
+        for key, p in meta.named_parameters():
+            if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
+                t = torch.ones(p.shape)
+            elif key.endswith(".bias"):
+                t = torch.zeros(p.shape)
+            else:   # N(0, 0.02) as transformers initialises; generated on the device, stored bf16
+                t = torch.randn(p.shape, generator=gen, device=args.device).mul_(cfg["initializer_range"])
+            writer.add(key, t.to(torch.bfloat16).cpu())
+            n_params += p.numel()
+    hf = dict(cfg)
+    hf["dtype"] = "bfloat16"
+    (ckpt / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    write_tokenizer(ckpt, cfg["vocab_size"])
+    g = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, cfg["vocab_size"], (args.samples * args.seq_len * 4,), generator=g)
+    torch.save(tokens, work / "tokens.pt")
+    windows = calibration_windows(tokens, args.samples, args.seq_len, seed=0)     # what our pipeline draws
+    torch.save(windows, work / "windows.pt")
+    return {"seconds": time.perf_counter() - t0, "params": n_params, "layers": cfg["num_hidden_layers"],
+            "checkpoint_gib": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30}
+
+
+# --------------------------------------------------------------------------------------------
+# ours
+def our_config(args, work: Path) -> dict:
+    return {
+        "name": "e2e",
+        "model": {"path": str(work / "model"), "dtype": "bfloat16", "lazy": True},
+        "calibration": {"dataset": str(work / "tokens.pt"), "split": "all", "num_samples": args.samples,
+                        "seq_len": args.seq_len, "seed": 0, "batch_size": args.batch_size, "hessian": args.hessian},
+        "eval": {"enabled": False},
+        "quant": {"default": {"wq": "int4", "group_size": 128, "sym": True},
+                  "overrides": [{"pattern": p, "skip": True} for p in our_skips(args.family)]},
+        "gptq": {"block_size": 128, "damp": 0.01, "act_order": bool(args.act_order), "static_groups": True,
+                 "true_sequential": True},
+        "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": 1},
+        "logging": {"wandb": {"mode": "disabled"}, "csv": {"enabled": False}},
+        "output": {"dir": str(work / "ours_out"), "overwrite": True, "save": True,
+                   "format": "compressed-tensors"},
+    }
+
+
+def our_skips(family):
+    return {"olmoe": ["*.mlp.gate", "lm_head"], "qwen2_moe": ["*.mlp.gate", "*.shared_expert_gate", "lm_head"],
+            "mixtral": ["*.block_sparse_moe.gate", "lm_head"]}[family]
+
+
+def stage_ours(args, work: Path) -> dict:
+    import yaml
+
+    from alphaquant.config import load_config
+    from alphaquant.pipeline.session import CalibrationSession
+
+    path = work / "ours.yaml"
+    path.write_text(yaml.safe_dump(our_config(args, work), sort_keys=False))
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    prof = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        prof = profile(activities=acts)
+        prof.__enter__()
+        from torch.profiler import record_function
+
+        from alphaquant.pipeline import walker as walker_mod
+        orig = walker_mod.LayerWalker._predict
+
+        def labelled(self, block, phase, stream, stats=None, **plan):    # one profiler range per pass kind
+            with record_function(f"pass:{phase}:{stream}:g{plan.get('group_index', '')}"):
+                return orig(self, block, phase, stream, stats, **plan)
+        walker_mod.LayerWalker._predict = labelled
+    t0 = time.perf_counter()
+    session = CalibrationSession(load_config(str(path), []))
+    session.prepare()
+    t1 = time.perf_counter()
+    session.run()
+    sync(args.device)
+    t2 = time.perf_counter()
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+        (work / "profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
+        (work / "profile_cpu.txt").write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=60))
+    res = session.results
+    layers = []
+    for row in res["layers"]:
+        ph = dict(row["phases"])
+        collect = ph.pop("collect+solve", 0.0)
+        hess, solve = ph.pop("hessian", None), ph.pop("solve", 0.0)
+        split = {"load": ph.pop("load", 0.0),
+                 "forward": collect - (hess or 0.0) - solve,     # collect passes: layer forward + hooks
+                 "hessian": hess, "solve": solve, "propagate": ph.pop("propagate", 0.0),
+                 "write": ph.pop("write", 0.0)}
+        split["other"] = row["seconds"] - sum(v or 0.0 for v in split.values())
+        layers.append({"layer": row["layer"], "seconds": row["seconds"], **split,
+                       "mean_rel_error_proxy": row["mean_rel_error"], "fallbacks": row["fallbacks"]})
+    return {"seconds_end_to_end": t2 - t0, "seconds_prepare": t1 - t0, "seconds_run": t2 - t1,
+            "solve_seconds": res["solve_seconds"], "layers": layers, "memory": memory(args.device),
+            "checkpoint_gib": sum(f.stat().st_size for f in (work / "ours_out").glob("*.safetensors")) / 2**30,
+            "batch_size": args.batch_size, "hessian": args.hessian, "profiled": bool(args.profile)}
+
+
+# --------------------------------------------------------------------------------------------
+# llm-compressor
+def llmc_available() -> bool:
+    try:
+        import llmcompressor  # noqa: F401
+        return True
+    except Exception:     # noqa: BLE001 - missing, or missing one of its own needs
+        return False
+
+
+def stage_llmc(args, work: Path) -> dict:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modeling.moe.linearize import load_quantizable_moe
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import llmcompressor
+    windows = torch.load(work / "windows.pt")
+    ds = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    with load_quantizable_moe():
+        model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16)
+    t1 = time.perf_counter()
+    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", *ROUTER_IGNORE[args.family]],
+                          block_size=128, dampening_frac=0.01)
+    oneshot(model=model, dataset=ds, recipe=recipe, processor=tok, max_seq_length=args.seq_len,
+            num_calibration_samples=args.samples, shuffle_calibration_samples=False, batch_size=1)
+    sync(args.device)
+    t2 = time.perf_counter()
+    weights = llmc_weights(model)          # before saving: saving may compress in place
+    t3 = time.perf_counter()
+    model.save_pretrained(work / "llmc_out", save_compressed=True)
+    tok.save_pretrained(work / "llmc_out")
+    t4 = time.perf_counter()
+    out = {"seconds_end_to_end": (t4 - t0) - (t3 - t2), "seconds_load": t1 - t0, "seconds_oneshot": t2 - t1,
+           "seconds_save": t4 - t3, "memory": memory(args.device),
+           "checkpoint_gib": sum(f.stat().st_size for f in (work / "llmc_out").glob("*.safetensors")) / 2**30,
+           "quantized_linears": len(weights), "version": llmcompressor.__version__}
+    del model
+    return out, weights
+
+
+@torch.no_grad()
+def llmc_weights(model) -> dict:
+    """{our module name: dequantized weight (CPU, bf16)} of every linear llm-compressor quantized."""
+    try:
+        from compressed_tensors.offload import disable_onloading
+        ctx = disable_onloading
+    except ImportError:
+        import contextlib
+        ctx = contextlib.nullcontext
+    out = {}
+    with ctx():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and hasattr(mod, "weight_scale") and ".layers." in name:
+                out[name] = mod.weight.detach().to("cpu", torch.bfloat16).clone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# per-layer output error, the same measurement for both tools
+@torch.no_grad()
+def layer_errors(args, work: Path, others: dict) -> dict:
+    """others: tool -> callable(layer index) -> {name relative to the layer: weight} or None."""
+    import models
+
+    device = torch.device(args.device)
+    fp = models.from_pretrained(work / "model", dtype="bfloat16", lazy=True)
+    windows = torch.load(work / "windows.pt")
+    B = max(1, min(args.samples, 8))
+    embed = fp.model.embed_tokens
+    streams = {"fp": torch.cat([embed(windows[i:i + B]).to(device) for i in range(0, len(windows), B)])}
+    for tool in others:
+        streams[tool] = streams["fp"].clone()
+    kw = fp.layer_kwargs(streams["fp"][:B])
+    result = {tool: {"local": [], "propagated": []} for tool in others}
+    n_layers = fp.config.num_hidden_layers
+    for i in range(n_layers):
+        layer = models.load_layer(fp, i, device=device)
+        fp_w = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        q_ws = {tool: fn(i) for tool, fn in others.items()}
+        y_fp = torch.empty_like(streams["fp"])
+        for s in range(0, len(windows), B):
+            y_fp[s:s + B] = layer(streams["fp"][s:s + B], **kw)
+        for tool, qw in q_ws.items():
+            if qw is None:
+                continue
+            _load_weights(layer, qw, device)
+            acc = torch.zeros(3, dtype=torch.float64, device=device)   # local err², prop err², ref²
+            for s in range(0, len(windows), B):
+                ref = y_fp[s:s + B].float()
+                loc = layer(streams["fp"][s:s + B], **kw)
+                prop = layer(streams[tool][s:s + B], **kw)
+                acc += torch.stack([(loc.float() - ref).square().sum(), (prop.float() - ref).square().sum(),
+                                    ref.square().sum()]).double()
+                streams[tool][s:s + B] = prop
+            a = acc.tolist()
+            result[tool]["local"].append((a[0] / a[2]) ** 0.5)
+            result[tool]["propagated"].append((a[1] / a[2]) ** 0.5)
+            _load_weights(layer, fp_w, device)
+        streams["fp"] = y_fp
+        models.unload_layer(fp, i)
+    return result
+
+
+def _load_weights(layer, weights: dict, device):
+    params = dict(layer.named_parameters())
+    for n, w in weights.items():
+        params[n].data.copy_(w.to(device))
+
+
+def ours_weights_fn(work: Path):
+    from alphaquant.export.reader import load_quantized
+
+    q = load_quantized(work / "ours_out", dtype="bfloat16")
+    prefix = "model.layers.{}."
+
+    def get(i):
+        p = prefix.format(i)
+        return {k[len(p):]: v for k, v in q.state_dict().items() if k.startswith(p)}
+    return get
+
+
+def llmc_weights_fn(weights: dict):
+    def get(i):
+        p = f"model.layers.{i}."
+        return {k[len(p):] + ".weight": v for k, v in weights.items() if k.startswith(p)}
+    return get
+
+
+def stage_errors(args, work: Path, llmc_w=None) -> dict:
+    t0 = time.perf_counter()
+    others = {"ours": ours_weights_fn(work)}
+    if llmc_w is not None:
+        others["llmc"] = llmc_weights_fn(llmc_w)
+    res = layer_errors(args, work, others)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def stage_llmc_and_errors(args, work: Path) -> dict:
+    out, weights = stage_llmc(args, work)
+    out["errors"] = stage_errors(args, work, weights)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+STAGES = {"build": stage_build, "ours": stage_ours, "llmc": stage_llmc_and_errors, "errors": stage_errors}
+
+
+def run_stage(args, stage: str, work: Path, extra: list[str] = ()) -> dict:
+    """Run one stage in a fresh process (its own peak memory); returns its JSON."""
+    out = work / f"{stage}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--workdir", str(work), *stage_argv(args),
+           *extra]
+    print(f"[e2e] {stage}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def stage_argv(args) -> list[str]:
+    argv = ["--family", args.family, "--device", args.device, "--samples", str(args.samples),
+            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--hessian", args.hessian,
+            "--act-order", str(args.act_order), "--seed", str(args.seed)]
+    if args.quick:
+        argv.append("--quick")
+    if args.layers:
+        argv += ["--layers", str(args.layers)]
+    if args.profile:
+        argv.append("--profile")
+    return argv
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", default="olmoe", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (0 = the real model's count)")
+    p.add_argument("--llmc-layers", type=int, default=0,
+                   help="llm-compressor on a checkpoint of only the first N layers (0 = the same as ours)")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8, help="our calibration.batch_size (windows per forward)")
+    p.add_argument("--hessian", default="routed", choices=["routed", "uniform", "all_experts"])
+    p.add_argument("--act-order", type=int, default=1,
+                   help="our gptq.act_order (1: static-group act order, what llm-compressor's W4A16 does by default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 8 windows of 128 tokens")
+    p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (also skipped when not importable)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over our run (workdir/profile*.txt)")
+    p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
+    p.add_argument("--stage", default=None, choices=sorted(STAGES), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick and args.samples == 128:
+        args.samples, args.seq_len, args.batch_size = 8, 128, 4
+    if args.stage:                                   # a child process
+        work = Path(args.workdir)
+        res = STAGES[args.stage](args, work)
+        write_json(work / f"{args.stage}.json", res)
+        return res
+
+    import tempfile
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="aq-e2e-"))
+    work.mkdir(parents=True, exist_ok=True)
+    command = "PYTHONPATH=. python bench/e2e.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    t0 = time.perf_counter()
+    result = {"command": command, "family": args.family, "model": NAMES[args.family], "device": device_name(args),
+              "torch": torch.__version__, "samples": args.samples, "seq_len": args.seq_len, "quick": args.quick}
+    result["build"] = run_stage(args, "build", work)
+    result["ours"] = run_stage(args, "ours", work)
+    want_llmc = not args.no_llmc
+    if want_llmc and not llmc_available():
+        print("[e2e] llm-compressor is not importable: our side only", flush=True)
+        want_llmc = False
+    result["llm_compressor"] = None
+    if want_llmc and not args.llmc_layers:
+        r = run_stage(args, "llmc", work)
+        result["errors"] = r.pop("errors")
+        result["llm_compressor"] = r
+    else:
+        result["errors"] = run_stage(args, "errors", work)
+        if want_llmc:                               # llm-compressor on a cut of the first N layers
+            cut = work / f"cut{args.llmc_layers}"
+            cut_args = argparse.Namespace(**{**vars(args), "layers": args.llmc_layers, "profile": False})
+            run_stage(cut_args, "build", cut)
+            cut_ours = run_stage(cut_args, "ours", cut)
+            r = run_stage(cut_args, "llmc", cut)
+            result["cut"] = {"layers": args.llmc_layers, "ours": cut_ours, "errors": r.pop("errors")}
+            result["llm_compressor"] = r
+    result["summary"] = summarize(result)
+    result["bench_seconds"] = time.perf_counter() - t0
+    table = render(result)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, result)
+        out.with_suffix(".md").write_text(table + "\n")
+    return result
+
+
+def device_name(args) -> str:
+    if args.device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def per_layer_split(layers: list[dict]) -> dict:
+    keys = ("load", "forward", "hessian", "solve", "propagate", "write", "other")
+    n = max(1, len(layers))
+    return {k: sum((r.get(k) or 0.0) for r in layers) / n for k in keys} | {
+        "total": sum(r["seconds"] for r in layers) / n}
+
+
+def summarize(r: dict) -> dict:
+    ours, llmc = r["ours"], r["llm_compressor"]
+    L = r["build"]["layers"]
+    s = {"layers": L, "ours_seconds": ours["seconds_end_to_end"], "ours_per_layer": per_layer_split(ours["layers"])}
+    err = r["errors"]
+    s["ours_error_local_mean"] = _mean(err["ours"]["local"])
+    s["ours_error_propagated_last"] = err["ours"]["propagated"][-1] if err["ours"]["propagated"] else None
+    if llmc:
+        if "cut" in r:                                # llm-compressor ran on the first N layers only
+            n = r["cut"]["layers"]
+            cut_ours = r["cut"]["ours"]["seconds_end_to_end"]
+            per = llmc["seconds_oneshot"] / n
+            s["llmc_layers_run"] = n
+            s["llmc_seconds_measured"] = llmc["seconds_end_to_end"]
+            s["llmc_seconds"] = llmc["seconds_end_to_end"] + per * (L - n)     # extrapolated: + per-layer oneshot
+            s["llmc_extrapolation"] = f"{llmc['seconds_end_to_end']:.1f} s for {n} layers + {per:.1f} s x {L - n} layers"
+            s["speedup_same_cut"] = llmc["seconds_end_to_end"] / cut_ours
+            cerr = r["cut"]["errors"]
+            s["llmc_error_local_mean"] = _mean(cerr["llmc"]["local"])
+            s["ours_error_local_mean_cut"] = _mean(cerr["ours"]["local"])
+        else:
+            s["llmc_seconds"] = llmc["seconds_end_to_end"]
+            s["llmc_error_local_mean"] = _mean(err["llmc"]["local"])
+            s["llmc_error_propagated_last"] = err["llmc"]["propagated"][-1]
+        s["speedup"] = s["llmc_seconds"] / s["ours_seconds"]
+    return s
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def render(r: dict) -> str:
+    s, ours, llmc = r["summary"], r["ours"], r["llm_compressor"]
+    sp = s["ours_per_layer"]
+    lines = [f"### End to end: {r['model']} shapes ({s['layers']} layers, random bf16 weights), "
+             f"{r['samples']}x{r['seq_len']} calibration tokens, int4 g128 W4A16, {r['device']}", "",
+             f"`{r['command']}`", "",
+             "| | AlphaQuant | llm-compressor" + (f" (memory, checkpoint: the {s['llmc_layers_run']}-layer cut)"
+                                                  if "llmc_layers_run" in s else "") + " |", "|---|---|---|"]
+    lt = lambda k, fmt="{:.1f}": (fmt.format(llmc[k]) if llmc and llmc.get(k) is not None else "-")  # noqa: E731
+    lines.append(f"| end to end (s) | {s['ours_seconds']:.1f} | "
+                 + (f"{s['llmc_seconds']:.1f}" + (" (extrapolated)" if "llmc_layers_run" in s else "") if llmc else "-")
+                 + " |")
+    if llmc:
+        lines.append(f"| speed-up | {s['speedup']:.1f}x | 1x |")
+    lines.append(f"| per layer (s) | {sp['total']:.2f} | "
+                 + (f"{llmc['seconds_oneshot'] / (s.get('llmc_layers_run') or s['layers']):.2f}" if llmc else "-")
+                 + " |")
+    lines.append("| per layer: load / forward / Hessian / solve / propagate / write / other (s) | "
+                 + " / ".join(f"{sp[k]:.2f}" for k in ("load", "forward", "hessian", "solve", "propagate", "write",
+                                                       "other"))
+                 + " | not split (oneshot " + lt("seconds_oneshot") + " s, save " + lt("seconds_save") + " s) |")
+    gm = lambda m: f"{m['gpu_peak_gib']:.1f}" if "gpu_peak_gib" in m else "-"  # noqa: E731
+    lines.append(f"| peak GPU memory (GiB) | {gm(ours['memory'])} | {gm(llmc['memory']) if llmc else '-'} |")
+    lines.append(f"| peak host memory (GiB) | {ours['memory']['host_peak_gib']:.1f} | "
+                 + (f"{llmc['memory']['host_peak_gib']:.1f}" if llmc else "-") + " |")
+    cut_ckpt = f" ({r['cut']['ours']['checkpoint_gib']:.2f} for the cut)" if "cut" in r else ""
+    lines.append(f"| checkpoint (GiB) | {ours['checkpoint_gib']:.2f}{cut_ckpt} | {lt('checkpoint_gib', '{:.2f}')} |")
+    le = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+    if "cut" in r:
+        lines.append(f"| mean layer output error, local (first {s['llmc_layers_run']} layers) | "
+                     f"{le(s['ours_error_local_mean_cut'])} | {le(s.get('llmc_error_local_mean'))} |")
+    else:
+        lines.append(f"| mean layer output error, local | {le(s['ours_error_local_mean'])} | "
+                     f"{le(s.get('llmc_error_local_mean'))} |")
+        lines.append(f"| last layer output error, propagated | {le(s['ours_error_propagated_last'])} | "
+                     f"{le(s.get('llmc_error_propagated_last'))} |")
+    if "llmc_extrapolation" in s:
+        lines += ["", f"llm-compressor ran on the first {s['llmc_layers_run']} layers (same shapes, same tokens): "
+                  f"{s['llmc_extrapolation']}; on that cut AlphaQuant was {s['speedup_same_cut']:.1f}x faster end to end."]
+    lines += ["", "forward: the collect passes minus Hessian updates and solve; other: the rest of the layer "
+              "(resume state, bookkeeping); peak host memory is ru_maxrss of the stage's process."]
+    err = r["cut"]["errors"] if "cut" in r else r["errors"]
+    lines += ["", "Per-layer relative output error ||Y_q - Y|| / ||Y|| on the calibration tokens "
+              "(local: fp input; propagated: the quantized model's own input):", "",
+              "| layer | ours local | llmc local | ours propagated | llmc propagated |", "|---|---|---|---|---|"]
+    for i, v in enumerate(err["ours"]["local"]):
+        g = lambda t, k: le(err[t][k][i]) if t in err and i < len(err[t][k]) else "-"  # noqa: E731
+        lines.append(f"| {i} | {g('ours', 'local')} | {g('llmc', 'local')} | {g('ours', 'propagated')} | "
+                     f"{g('llmc', 'propagated')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""bench/e2e.py --quick on the CPU: our side end to end (llm-compressor skipped), the JSON has its fields."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_e2e_quick_ours_only(tmp_path):
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--quick", "--device", "cpu", "--no-llmc",
+           "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["build"]["layers"] == 2 and r["llm_compressor"] is None
+    ours = r["ours"]
+    assert ours["seconds_end_to_end"] > 0 and ours["checkpoint_gib"] > 0
+    assert len(ours["layers"]) == 2
+    for row in ours["layers"]:
+        for k in ("load", "forward", "hessian", "solve", "propagate", "write", "seconds"):
+            assert row[k] is not None and row[k] >= 0, k
+    assert "host_peak_gib" in ours["memory"]
+    err = r["errors"]["ours"]
+    assert len(err["local"]) == len(err["propagated"]) == 2
+    assert all(0 < e < 1 for e in err["local"])
+    s = r["summary"]
+    assert s["ours_seconds"] == ours["seconds_end_to_end"] and "speedup" not in s
+    md = out.with_suffix(".md").read_text()
+    assert "bench/e2e.py" in md and "| layer |" in md
