@@ -88,11 +88,14 @@ class QuantizedCheckpointWriter:
         layout: Layout = layout_of(spec, act_order=act)
         if act:
             self.act_order.add(name)
-        params = _cpu_params(rec.params)
-        out = compress(lin.weight.detach().cpu(), params, self._format(spec), layout, g_idx if act else None)
+        # compressed where the weight is (the accelerator during a run: encoding and packing every
+        # expert on the host dominated the write), then moved to the host for the shard
+        dev = lin.weight.device
+        params = _params_to(rec.params, dev)
+        out = compress(lin.weight.detach(), params, self._format(spec), layout, g_idx.to(dev) if act else None)
         if lin.bias is not None:                      # biases stay dense, as compressed-tensors keeps them
             out["bias"] = lin.bias.detach().to(self.dtype)
-        return out
+        return {k: v.cpu() for k, v in out.items()}
 
     # --- the end ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,10 +148,10 @@ class DequantizedCheckpointWriter(QuantizedCheckpointWriter):
         return config
 
 
-def _cpu_params(p):
+def _params_to(p, device):
     from alphaquant.formats.base import QParams
-    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-    return QParams(cpu(p.scale), cpu(p.zero), {k: cpu(v) if torch.is_tensor(v) else v for k, v in p.extra.items()})
+    to = lambda t: None if t is None else t.detach().to(device)  # noqa: E731
+    return QParams(to(p.scale), to(p.zero), {k: to(v) if torch.is_tensor(v) else v for k, v in p.extra.items()})
 
 
 __all__ = ["QuantizedCheckpointWriter", "DequantizedCheckpointWriter", "TOKENIZER_FILES"]

@@ -1,8 +1,10 @@
 """The LightningModule: runs ONE decoder layer (or the LM head) over cached inputs.
 
-The whole model is never registered on this module: only the block being calibrated or
-evaluated is, so Lightning moves just that block to the accelerator. The walker
-(`walker.py`) swaps the block between `trainer.predict` calls and sets what a pass does:
+No model weights are registered on this module, not even the block being run: Lightning
+moves a LightningModule's registered parameters back to the CPU at the end of every predict
+call (Strategy.teardown), which for an MoE decoder layer (~1 GB) meant a round trip over
+PCIe per pass and a host-side checkpoint write. The walker (`walker.py`) places each block
+on the accelerator once, swaps it in between `trainer.predict` calls and sets what a pass does:
 
 - phase "collect":   run the layer; callbacks hook the inputs of one true-sequential
                      group of linears and accumulate Hessians; outputs are dropped.
@@ -35,14 +37,13 @@ class PassPlan:
 class LayerRunner(L.LightningModule):
     def __init__(self, layer_kwargs: Callable[[torch.Tensor], dict]):
         super().__init__()
-        self.block: nn.Module | None = None          # the only registered submodule
+        self.block: nn.Module | None = None          # deliberately not a registered submodule (see above)
         self.layer_kwargs = layer_kwargs             # hidden [B, T, H] -> kwargs for layer(...)
         self.stores: dict[str, SampleStore] = {}
         self.plan = PassPlan("propagate", "calib")
 
     def set_block(self, block: nn.Module, plan: PassPlan) -> None:
-        # Assigning through nn.Module registers the block (and drops the previous one).
-        self.block = block
+        self.__dict__["block"] = block     # bypasses nn.Module.__setattr__, which would register it
         self.plan = plan
 
     @torch.no_grad()

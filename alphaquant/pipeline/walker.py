@@ -93,16 +93,22 @@ class LayerWalker:
         for i in range(n):
             self._layer(i, last=(i == n - 1), replay=i < done)
         if self.opts.evaluate:
-            head = self.adapter.head_module(self.model)
+            head = self.adapter.head_module(self.model).to(self.device)
             for s in self._streams()[1:]:
                 self._predict(head, "head", s)
+            head.to("cpu")
         return self.ppl.results
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's accelerator (the runner is not registered with weights, so blocks are placed here)."""
+        return self.trainer.strategy.root_device
 
     def _layer(self, i, last, replay=False):
         """Quantize layer i; with `replay`, take its solved weights from the resume state instead."""
         stats = LayerStats(i, 0.0)
         t0 = time.perf_counter()
-        layer = self.adapter.load_layer(self.model, i)
+        layer = self.adapter.load_layer(self.model, i).to(self.device)   # stays there for all passes
         stats.phases["load"] = time.perf_counter() - t0
         if self.opts.evaluate and self.opts.eval_before:
             self._predict(layer, "propagate", "eval_fp", stats)

@@ -10,19 +10,25 @@ from .config import MoEModelConfig
 from .layers import RMSNorm, apply_rotary
 
 
-def causal_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+def causal_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor | None:
     """Boolean (B, 1, S, S) mask, True where query i may attend key j: j <= i and key j is not padding.
+
+    None when there is no padding (attention_mask None): attention is then plain causal, which
+    SDPA runs with is_causal=True on its fused kernels (an explicit mask forces a slower path).
 
     A query row with no allowed key (a left-padding position) is allowed its own position, so padded rows stay
     finite (no NaN from an all-masked softmax) and cannot leak into real tokens; their outputs are meaningless
     and callers ignore them (calibration should drop them using the attention mask).
     """
+    if attention_mask is None:
+        return None
+    mask = _causal(seq, device).expand(batch, 1, seq, seq) & attention_mask.bool()[:, None, None, :]
+    return mask | (torch.eye(seq, dtype=torch.bool, device=device) & ~mask.any(-1, keepdim=True))
+
+
+def _causal(seq: int, device) -> torch.Tensor:
     idx = torch.arange(seq, device=device)
-    mask = (idx[None, :] <= idx[:, None])[None, None].expand(batch, 1, seq, seq)  # (B, 1, S, S)
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, None, :]
-        mask = mask | (torch.eye(seq, dtype=torch.bool, device=device) & ~mask.any(-1, keepdim=True))
-    return mask
+    return (idx[None, :] <= idx[:, None])[None, None]  # (1, 1, S, S)
 
 
 class Attention(nn.Module):
@@ -41,7 +47,7 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_windows[layer_idx]
 
     def forward(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor) -> torch.Tensor:
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if hasattr(self, "q_norm"):
@@ -56,9 +62,10 @@ class Attention(nn.Module):
         if self.sliding_window:  # key j visible from query i only if i - j < window
             idx = torch.arange(S, device=x.device)
             band = (idx[:, None] - idx[None, :]) < self.sliding_window
-            mask = mask & band
+            mask = (_causal(S, x.device) if mask is None else mask) & band
         rep = self.n_heads // self.n_kv
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, S, hd)
+        # (B, nh, S, hd); no mask = no padding and no window: plain causal on the fused kernels
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
