@@ -21,7 +21,7 @@ from pipeline_utils import write_config
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = 4
 
-# train_quant.py with ResumeState.save_layer patched to SIGKILL the process once layer KILL_AT is saved
+# train_quant.py with ResumeState.save_layer patched to SIGKILL the process once layer KILL_AT's state is on disk
 # (the kill is real: no cleanup handlers, no finally blocks run).
 KILLER = """
 import os, signal, sys
@@ -31,6 +31,7 @@ save = resume.ResumeState.save_layer
 def save_then_die(self, i, *args, **kwargs):
     save(self, i, *args, **kwargs)
     if i == kill_at:
+        self.wait()                      # layer kill_at's state is on disk (it is written in the background)
         os.kill(os.getpid(), signal.SIGKILL)
 resume.ResumeState.save_layer = save_then_die
 from alphaquant.app import main
@@ -118,3 +119,25 @@ def test_same_config_and_seed_are_bit_identical(setup):
     assert _files(tmp / "uninterrupted") == _files(tmp / "again")
     a, b = (json.loads((tmp / d / "alphaquant_summary.json").read_text()) for d in ("uninterrupted", "again"))
     assert a["perplexity"] == b["perplexity"] and a["experts"] == b["experts"]
+
+
+def test_a_failed_background_write_is_raised_at_the_next_layer(tmp_path, monkeypatch):
+    """The state is written by a background thread; its error (here a full disk) must not vanish."""
+    import errno
+
+    import torch
+
+    from alphaquant.pipeline import resume
+
+    def full_disk(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(resume, "save_file", full_disk)
+    state = resume.ResumeState(tmp_path / "out", "fp")
+    state.save_layer(0, {"w": torch.ones(2)}, {}, {})            # returns: the write runs behind
+    with pytest.raises(OSError) as info:
+        state.save_layer(1, {"w": torch.ones(2)}, {}, {})
+    assert info.value.errno == errno.ENOSPC
+    assert state.layers_done == 0 and not (state.dir / "state.json").exists()
+    state.clear()
+    assert not state.dir.exists()

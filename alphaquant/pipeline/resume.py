@@ -14,8 +14,9 @@ first run did (same batches, same kernels), so layers k.. see bit-identical inpu
 final checkpoint is bit-identical to an uninterrupted run. Only weights are saved (about
 one checkpoint's worth in total), never the activation caches (gigabytes per layer).
 
-Files are written to a temporary name and renamed, and state.json is replaced last, so a
-SIGKILL at any moment leaves the previous consistent state. The directory is removed when
+Files are written (by a background thread, overlapping the next layer's work) to a temporary
+name and renamed, and state.json is replaced last, so a SIGKILL at any moment leaves the
+previous consistent state. The directory is removed when
 the run ends successfully. Under DDP rank 0 writes and every rank reads.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +70,8 @@ class ResumeState:
         self.dir = resume_dir(out_dir)
         self.fp, self.writer = fp, writer
         self.layers_done = 0
+        self._thread: threading.Thread | None = None     # the layer write in flight
+        self._error: BaseException | None = None
         state = self.dir / "state.json"
         if state.is_file():
             saved = json.loads(state.read_text())
@@ -80,23 +84,49 @@ class ResumeState:
 
     # -- writing ---------------------------------------------------------------------------
     def save_layer(self, i: int, weights: dict[str, torch.Tensor], records: dict, stats: dict) -> None:
-        """After layer i: its solved weights, records and timings; then state.json says i+1 done."""
+        """After layer i: its solved weights, records and timings; then state.json says i+1 done.
+
+        The host copies are made here (the caller frees the layer next); the files are written
+        by a background thread while the next layer computes. Only one write is in flight: the
+        previous one is finished (and its error, e.g. a full disk, raised) before a new one starts.
+        """
         if not self.writer:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        base = self.dir / f"layer_{i:05d}"
-        _atomic_write(base.with_suffix(".safetensors"),
-                      lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(p)))
-        _atomic_write(base.with_suffix(".pt"),
-                      lambda p: torch.save({"records": {n: _record_dict(r) for n, r in records.items()},
-                                            "stats": stats}, p))
-        _atomic_write(self.dir / "state.json", lambda p: p.write_text(json.dumps(
-            {"fingerprint": self.fp, "layers_done": i + 1, "version": STATE_VERSION,
-             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n"))
-        self.layers_done = i + 1
+        self.wait()
+        host = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+        meta = {"records": {n: _record_dict(r) for n, r in records.items()}, "stats": stats}
+        self._thread = threading.Thread(target=self._write, args=(i, host, meta), daemon=True,
+                                        name=f"resume-layer-{i}")
+        self._thread.start()
+
+    def _write(self, i: int, host: dict, meta: dict) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            base = self.dir / f"layer_{i:05d}"
+            _atomic_write(base.with_suffix(".safetensors"), lambda p: save_file(host, str(p)))
+            _atomic_write(base.with_suffix(".pt"), lambda p: torch.save(meta, p))
+            _atomic_write(self.dir / "state.json", lambda p: p.write_text(json.dumps(
+                {"fingerprint": self.fp, "layers_done": i + 1, "version": STATE_VERSION,
+                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n"))
+            self.layers_done = i + 1
+        except BaseException as e:   # noqa: BLE001 - handed to the main thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the last save_layer is on disk; re-raise its error."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
 
     def clear(self) -> None:
+        """Remove the state (the run completed, or cannot be resumed); a failed last write no longer matters."""
         import shutil
+        if self._thread is not None:
+            self._thread.join()
+        self._thread, self._error = None, None
         if self.writer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
