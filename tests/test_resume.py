@@ -81,11 +81,13 @@ def test_sigkill_then_rerun_is_bit_identical(setup, kill_at):
     state_dir = tmp / f".{name}.resume"
     assert json.loads((state_dir / "state.json").read_text())["layers_done"] == kill_at + 1
     assert not (tmp / name).exists()                     # no checkpoint under the requested name
+    assert list(tmp.glob(f".{name}.tmp-*"))              # SIGKILL left the partial checkpoint behind
 
     proc = _cmd(cfg)                                     # the same command again
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming: layers 0-{kill_at}" in proc.stdout
     assert not state_dir.exists()                        # removed once the checkpoint is complete
+    assert not list(tmp.glob(f".{name}.tmp-*"))          # ... and the killed run's partial checkpoint too
     ref, got = _files(tmp / "uninterrupted"), _files(tmp / name)
     assert ref.keys() == got.keys() and "model.safetensors" in ref
     for k in ref:
@@ -141,3 +143,23 @@ def test_a_failed_background_write_is_raised_at_the_next_layer(tmp_path, monkeyp
     assert state.layers_done == 0 and not (state.dir / "state.json").exists()
     state.clear()
     assert not state.dir.exists()
+
+
+def test_only_dead_local_writers_temps_are_removed(tmp_path):
+    """A killed run's partial checkpoint goes; a live writer's, or another host's, stays."""
+    import socket
+
+    from alphaquant.export.atomic import remove_stale_temps
+
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    names = {"dead": f".out.tmp-{host}.{dead.pid}-abc", "alive": f".out.tmp-{host}.{os.getpid()}-def",
+             "init": f".out.tmp-{host}.1-ghi", "other_host": f".out.tmp-elsewhere.{dead.pid}-jkl",
+             "other_out": f".out2.tmp-{host}.{dead.pid}-mno"}
+    for n in names.values():
+        (tmp_path / n).mkdir()
+    removed = remove_stale_temps(out)
+    assert [p.name for p in removed] == [names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "dead")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,40 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _owner() -> str:
+    """host.pid of this process: the temp directory says who writes it."""
+    return f"{socket.gethostname().replace('-', '_')}.{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp siblings `.NAME.tmp-HOST.PID-*` left by a killed run of this host (SIGKILL skips all
+    cleanup): a partial checkpoint can be as large as the model. Temps of live processes and of other
+    hosts (a shared file system) are left alone."""
+    removed = []
+    host = socket.gethostname().replace("-", "_")
+    for p in path.parent.glob(_temp_prefix(path) + "*"):
+        owner = p.name[len(_temp_prefix(path)):].split("-", 1)[0]
+        h, _, pid = owner.rpartition(".")
+        if p.is_dir() and h == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 class AtomicDir:
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
         self.path = check_output_dir(path, overwrite)
@@ -46,7 +81,8 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        remove_stale_temps(self.path)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.path)}{_owner()}-", dir=self.path.parent))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
