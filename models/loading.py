@@ -209,6 +209,10 @@ def load_layer(model: MoEForCausalLM, i: int, device: str | torch.device | None 
         raise ValueError("load_layer needs a model loaded with models.from_pretrained (it has no checkpoint).")
     device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
     _materialize(model, _layer_prefix(i), device, resolve_dtype(dtype) if dtype is not None else None)
+    # Unmap the shards: safetensors reads through mmap, and every page read stays mapped (and counted
+    # in the process's resident memory) while the file is open, so streaming a 90 GB checkpoint layer
+    # by layer would otherwise end with the whole checkpoint resident. Reopening costs a header parse.
+    model.checkpoint.close()
     return model.model.layers[i]
 
 

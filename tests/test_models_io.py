@@ -169,3 +169,45 @@ def test_adapter_layer_walk_on_lazy_model(tmp_path):
         torch.testing.assert_close(ad.head_module(lazy)(hidden), eager(ids), rtol=0, atol=0)
         ad.unload_layer(eager, 0)  # an eagerly loaded model keeps its weights
     assert not any(p.is_meta for p in eager.parameters())
+
+
+STREAM_RSS = """
+import sys
+import models
+
+def rss():  # resident bytes now (Linux)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+m = models.from_pretrained(sys.argv[1], lazy=True)
+before = rss()
+for i in range(m.config.num_hidden_layers):
+    models.load_layer(m, i)
+    models.unload_layer(m, i)
+print(rss() - before)
+"""
+
+
+def test_streaming_layers_does_not_keep_the_checkpoint_resident(tmp_path):
+    """safetensors reads through mmap: a shard left open keeps every page read resident, so streaming a
+    model larger than host RAM layer by layer would end with all of it mapped. After streaming every
+    layer, resident memory must be about what it was, not that plus the checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tiny
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc (Linux) to read resident memory")
+    d = tiny.make_checkpoint("olmoe", tmp_path / "m", hidden_size=256, intermediate_size=512, num_experts=16,
+                             num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4)
+    size = sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", STREAM_RSS, str(d)], capture_output=True, text=True,
+                         cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth = int(out.stdout.split()[-1])
+    assert growth < 0.25 * size, f"RSS grew {growth / 2**20:.0f} MiB streaming a {size / 2**20:.0f} MiB checkpoint"
