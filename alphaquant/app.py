@@ -14,7 +14,6 @@ import errno
 import os
 import sys
 import time
-from pathlib import Path
 
 from alphaquant.errors import ConfigError, UserError
 
@@ -87,6 +86,7 @@ def run(args, rest, state: dict | None = None) -> int:
         state["out_dir"] = cfg.output.dir
     if args.eval_only:
         from alphaquant.pipeline.evaluate import evaluate_checkpoint
+        check_devices(cfg.trainer)
         return evaluate_checkpoint(cfg, args.eval_only)
     check_recipe(cfg)                     # the recipe against the model's shapes, from config.json alone
     if not args.dry_run:                  # a plan needs no data, and may be made on a laptop for a GPU machine
@@ -104,16 +104,11 @@ def run(args, rest, state: dict | None = None) -> int:
     return 0
 
 
-def _local_model_dir(cfg) -> Path | None:
-    p = Path(cfg.model.path).expanduser()
-    return p if p.is_dir() else None
-
-
 def check_recipe(cfg) -> None:
     """Resolve the recipe on the meta skeleton of a local model (config.json only, no weights), so a
     group size that does not divide or a pattern that matches nothing fails before a model load.
     A hub id is checked by the session once its files are fetched."""
-    model_dir = _local_model_dir(cfg)
+    model_dir = cfg.model.local_dir
     if model_dir is None:
         return
     from alphaquant.arch import get_adapter
@@ -133,7 +128,7 @@ def preflight(cfg) -> None:
     from alphaquant.data import check_sources, check_tokenizer_dir, needs_tokenizer
 
     vocab_size = max_pos = None
-    model_dir = _local_model_dir(cfg)
+    model_dir = cfg.model.local_dir
     if model_dir is not None:
         import models
         from models.loading import read_config_dict

@@ -57,6 +57,12 @@ class ModelConfig:
             raise ConfigError(f"{path}.path is required: a hub id like 'allenai/OLMoE-1B-7B-0924' "
                               f"or a local model directory")
 
+    @property
+    def local_dir(self) -> Path | None:
+        """`path` as a local directory, or None for a hub id (whose files are not here before a load)."""
+        p = Path(self.path).expanduser()
+        return p if p.is_dir() else None
+
 
 @dataclass
 class CalibrationConfig:

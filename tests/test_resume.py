@@ -136,9 +136,9 @@ def test_a_failed_background_write_is_raised_at_the_next_layer(tmp_path, monkeyp
 
     monkeypatch.setattr(resume, "save_file", full_disk)
     state = resume.ResumeState(tmp_path / "out", "fp")
-    state.save_layer(0, {"w": torch.ones(2)}, {}, {})            # returns: the write runs behind
+    state.save_layer(0, {"w": torch.ones(2)}, {})            # returns: the write runs behind
     with pytest.raises(OSError) as info:
-        state.save_layer(1, {"w": torch.ones(2)}, {}, {})
+        state.save_layer(1, {"w": torch.ones(2)}, {})
     assert info.value.errno == errno.ENOSPC
     assert state.layers_done == 0 and not (state.dir / "state.json").exists()
     state.clear()

@@ -81,11 +81,8 @@ def _resume_state(session, rank0):
     cfg = session.cfg
     if not cfg.output.resume:
         return None
-    from pathlib import Path
-
     from alphaquant.pipeline.resume import ResumeState, fingerprint
-    model_dir = cfg.model.path if Path(cfg.model.path).is_dir() else None
-    state = ResumeState(session.out_dir, fingerprint(cfg, model_dir), writer=rank0)
+    state = ResumeState(session.out_dir, fingerprint(cfg), writer=rank0)
     if state.layers_done and rank0:
         print(f"resuming: layers 0-{state.layers_done - 1} were finished by an earlier run of this command "
               f"({state.dir}); their solved weights are reused")

@@ -20,10 +20,8 @@ from alphaquant.errors import UserError
 
 
 def _device(cfg) -> torch.device:
-    acc = cfg.trainer.accelerator
-    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator is {acc!r} but no CUDA device is available; use cpu or auto")
-    return torch.device("cuda" if acc != "cpu" and torch.cuda.is_available() else "cpu")
+    """The accelerator trainer.accelerator asks for (app.check_devices has refused what is not there)."""
+    return torch.device("cuda" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def _aq_hooks(model, directory: Path) -> list:

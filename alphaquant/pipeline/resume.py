@@ -39,14 +39,15 @@ def resume_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.resume"
 
 
-def fingerprint(cfg, model_dir: str | None) -> str:
+def fingerprint(cfg) -> str:
     """Hash of everything that decides the quantized weights (not eval, logging, output, trainer)."""
     d = cfg.to_dict()
     keep = {k: d[k] for k in ("model", "calibration", "quant", "gptq", "seed")}
     keep["calibration"] = {k: v for k, v in keep["calibration"].items() if k not in ("batch_size", "min_tokens_warn")}
     keep["version"] = STATE_VERSION
-    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
-        keep["model_config"] = (Path(model_dir) / "config.json").read_text()
+    model_dir = cfg.model.local_dir
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        keep["model_config"] = (model_dir / "config.json").read_text()
     data = Path(cfg.calibration.dataset)
     if data.is_file():                        # the data itself, not only its name
         h = hashlib.sha256()
@@ -83,8 +84,8 @@ class ResumeState:
                 self.clear()
 
     # -- writing ---------------------------------------------------------------------------
-    def save_layer(self, i: int, weights: dict[str, torch.Tensor], records: dict, stats: dict) -> None:
-        """After layer i: its solved weights, records and timings; then state.json says i+1 done.
+    def save_layer(self, i: int, weights: dict[str, torch.Tensor], records: dict) -> None:
+        """After layer i: its solved weights and records; then state.json says i+1 done.
 
         The host copies are made here (the caller frees the layer next); the files are written
         by a background thread while the next layer computes. Only one write is in flight: the
@@ -94,7 +95,7 @@ class ResumeState:
             return
         self.wait()
         host = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
-        meta = {"records": {n: _record_dict(r) for n, r in records.items()}, "stats": stats}
+        meta = {"records": {n: _record_dict(r) for n, r in records.items()}}
         self._thread = threading.Thread(target=self._write, args=(i, host, meta), daemon=True,
                                         name=f"resume-layer-{i}")
         self._thread.start()
@@ -132,7 +133,7 @@ class ResumeState:
 
     # -- reading ---------------------------------------------------------------------------
     def load_layer(self, i: int, specs: dict):
-        """(weights {full name: tensor}, records {full name: ModuleRecord}, stats dict) of layer i."""
+        """(weights {full name: tensor}, records {full name: ModuleRecord}) of layer i."""
         from callbacks.solve import ModuleRecord
         from alphaquant.formats.base import QParams
 
@@ -145,7 +146,7 @@ class ResumeState:
             records[n] = ModuleRecord(name=n, spec=specs[n], params=params, g_idx=r["g_idx"], tokens=r["tokens"],
                                       weight_sum=r["weight_sum"], loss=r["loss"], rel_error=r["rel_error"],
                                       fallback=r["fallback"], extra=r["extra"])
-        return weights, records, saved["stats"]
+        return weights, records
 
 
 def _record_dict(r) -> dict:

@@ -100,7 +100,7 @@ class CalibrationSession:
         def make(tmp, records):
             from alphaquant.export import QuantizedCheckpointWriter, DequantizedCheckpointWriter
             cls = QuantizedCheckpointWriter if self.cfg.output.format == "compressed-tensors" else DequantizedCheckpointWriter
-            return cls(tmp, self.model, self.specs, records, source_dir=_local_dir(self.cfg.model.path))
+            return cls(tmp, self.model, self.specs, records, source_dir=self.cfg.model.local_dir)
         return make
 
     def finish(self, seconds: float) -> None:
@@ -118,11 +118,6 @@ def _load_tokenizer(path: str):
     except (OSError, ValueError) as e:
         raise UserError(f"model.tokenizer: no tokenizer could be loaded from {path!r} ({str(e).splitlines()[0]}); "
                         f"point model.tokenizer at a directory with tokenizer.json") from None
-
-
-def _local_dir(path: str):
-    p = Path(path)
-    return p if p.is_dir() else None
 
 
 def dump_json(path: Path, data) -> None:

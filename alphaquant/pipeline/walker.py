@@ -137,7 +137,7 @@ class LayerWalker:
             self.writer.write_layer(i, layer)
             stats.phases["write"] = time.perf_counter() - t1
         if self.resume is not None and not replay:
-            self._save_resume(i, layer, stats)
+            self._save_resume(i, layer)
         self.adapter.unload_layer(self.model, i)
         if not getattr(self.model, "lazy", False):
             layer.to("cpu")       # an eager model keeps its layers: give the accelerator back
@@ -147,20 +147,17 @@ class LayerWalker:
             self.on_layer_end(i, stats)
 
     # -- resume -----------------------------------------------------------------------------------
-    def _layer_records(self, i):
+    def _save_resume(self, i, layer):
         prefix = self.adapter.layer_prefix(i)
-        return prefix, {n: r for n, r in self.solver.records.items() if n.startswith(prefix)}
-
-    def _save_resume(self, i, layer, stats):
-        prefix, records = self._layer_records(i)
+        records = {n: r for n, r in self.solver.records.items() if n.startswith(prefix)}
         weights = {n: layer.get_submodule(n[len(prefix):]).weight for n in records}
-        self.resume.save_layer(i, weights, records, {"phases": dict(stats.phases)})
+        self.resume.save_layer(i, weights, records)
 
     @torch.no_grad()
     def _restore(self, i, layer) -> None:
         """Layer i's solved weights and records from the resume state (no Hessians, no solve)."""
         prefix = self.adapter.layer_prefix(i)
-        weights, records, _saved = self.resume.load_layer(i, self.specs)
+        weights, records = self.resume.load_layer(i, self.specs)
         for n, w in weights.items():
             layer.get_submodule(n[len(prefix):]).weight.copy_(w)
         self.solver.records.update(records)
