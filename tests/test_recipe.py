@@ -146,14 +146,26 @@ def test_build_format_passes_the_spec():
 
 
 # --- the shipped configs against each family's real module names and shapes -------------------
+def _attn(p, hidden, kv=None):
+    kv = hidden if kv is None else kv
+    return [(f"{p}.self_attn.{x}_proj", hidden, hidden if x in "qo" else kv) for x in "qkvo"]
+
+
+def _swiglu(prefix, hidden, inter):
+    return [(f"{prefix}.gate_proj", hidden, inter), (f"{prefix}.up_proj", hidden, inter),
+            (f"{prefix}.down_proj", inter, hidden)]
+
+
+def _routed(p, E, hidden, inter, n_router):
+    experts = [m for e in range(E) for m in _swiglu(f"{p}.mlp.experts.{e}", hidden, inter)]
+    return [(f"{p}.mlp.gate", hidden, n_router)] + experts
+
+
 def olmoe(L=2, E=3):
     m = []
     for n in range(L):
         p = f"model.layers.{n}"
-        m += [(f"{p}.self_attn.{x}_proj", 2048, 2048) for x in "qkvo"] + [(f"{p}.mlp.gate", 2048, 64)]
-        for e in range(E):
-            m += [(f"{p}.mlp.experts.{e}.{x}_proj", 2048, 1024) for x in ("gate", "up")]
-            m.append((f"{p}.mlp.experts.{e}.down_proj", 1024, 2048))
+        m += _attn(p, 2048) + _routed(p, E, 2048, 1024, 64)
     return m + [("lm_head", 2048, 50304)]
 
 
@@ -161,12 +173,8 @@ def qwen2_moe(L=2, E=3):
     m = []
     for n in range(L):
         p = f"model.layers.{n}"
-        m += [(f"{p}.self_attn.{x}_proj", 2048, 2048) for x in "qkvo"] + [(f"{p}.mlp.gate", 2048, 60)]
-        for e in range(E):
-            m += [(f"{p}.mlp.experts.{e}.{x}_proj", 2048, 1408) for x in ("gate", "up")]
-            m.append((f"{p}.mlp.experts.{e}.down_proj", 1408, 2048))
-        m += [(f"{p}.mlp.shared_expert.{x}_proj", 2048, 5632) for x in ("gate", "up")]
-        m += [(f"{p}.mlp.shared_expert.down_proj", 5632, 2048), (f"{p}.mlp.shared_expert_gate", 2048, 1)]
+        m += _attn(p, 2048) + _routed(p, E, 2048, 1408, 60) + _swiglu(f"{p}.mlp.shared_expert", 2048, 5632)
+        m.append((f"{p}.mlp.shared_expert_gate", 2048, 1))
     return m + [("lm_head", 2048, 151936)]
 
 
@@ -174,7 +182,7 @@ def mixtral(L=2, E=2):
     m = []
     for n in range(L):
         p = f"model.layers.{n}"
-        m += [(f"{p}.self_attn.{x}_proj", 4096, 4096 if x in "qo" else 1024) for x in "qkvo"]
+        m += _attn(p, 4096, kv=1024)
         m.append((f"{p}.block_sparse_moe.gate", 4096, 8))
         for e in range(E):
             b = f"{p}.block_sparse_moe.experts.{e}"
@@ -186,17 +194,11 @@ def deepseek_moe(L=3, E=3):
     m = []
     for n in range(L):
         p = f"model.layers.{n}"
-        m += [(f"{p}.self_attn.{x}_proj", 2048, 2048) for x in "qkvo"]
+        m += _attn(p, 2048)
         if n == 0:   # first_k_dense_replace = 1
-            m += [(f"{p}.mlp.gate_proj", 2048, 10944), (f"{p}.mlp.up_proj", 2048, 10944),
-                  (f"{p}.mlp.down_proj", 10944, 2048)]
-            continue
-        m.append((f"{p}.mlp.gate", 2048, 64))
-        for e in range(E):
-            m += [(f"{p}.mlp.experts.{e}.{x}_proj", 2048, 1408) for x in ("gate", "up")]
-            m.append((f"{p}.mlp.experts.{e}.down_proj", 1408, 2048))
-        m += [(f"{p}.mlp.shared_experts.{x}_proj", 2048, 2816) for x in ("gate", "up")]
-        m.append((f"{p}.mlp.shared_experts.down_proj", 2816, 2048))
+            m += _swiglu(f"{p}.mlp", 2048, 10944)
+        else:
+            m += _routed(p, E, 2048, 1408, 64) + _swiglu(f"{p}.mlp.shared_experts", 2048, 2816)
     return m + [("lm_head", 2048, 102400)]
 
 
