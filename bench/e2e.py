@@ -233,7 +233,7 @@ def stage_ours(args, work: Path) -> dict:
         layers.append({"layer": row["layer"], "seconds": row["seconds"], **split,
                        "mean_rel_error_proxy": row["mean_rel_error"], "fallbacks": row["fallbacks"]})
     return {"seconds_end_to_end": t2 - t0, "seconds_prepare": t1 - t0, "seconds_run": t2 - t1,
-            "solve_seconds": res["solve_seconds"], "layers": layers, "memory": memory(args.device),
+            "stage_seconds": res.get("stage_seconds", {}), "solve_seconds": res["solve_seconds"], "layers": layers, "memory": memory(args.device),
             "checkpoint_gib": sum(f.stat().st_size for f in (work / "ours_out").glob("*.safetensors")) / 2**30,
             "batch_size": args.batch_size, "hessian": args.hessian, "profiled": bool(args.profile)}
 
@@ -433,6 +433,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny shapes, 8 windows of 128 tokens")
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (also skipped when not importable)")
+    p.add_argument("--no-errors", action="store_true", help="skip the per-layer error stage (timing runs)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over our run (workdir/profile*.txt)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
@@ -465,7 +466,8 @@ def main(argv=None) -> dict:
         result["errors"] = r.pop("errors")
         result["llm_compressor"] = r
     else:
-        result["errors"] = run_stage(args, "errors", work)
+        if not args.no_errors:
+            result["errors"] = run_stage(args, "errors", work)
         if want_llmc:                               # llm-compressor on a cut of the first N layers
             cut = work / f"cut{args.llmc_layers}"
             cut_args = argparse.Namespace(**{**vars(args), "layers": args.llmc_layers, "profile": False})
@@ -503,7 +505,7 @@ def summarize(r: dict) -> dict:
     ours, llmc = r["ours"], r["llm_compressor"]
     L = r["build"]["layers"]
     s = {"layers": L, "ours_seconds": ours["seconds_end_to_end"], "ours_per_layer": per_layer_split(ours["layers"])}
-    err = r["errors"]
+    err = r.get("errors") or {"ours": {"local": [], "propagated": []}}     # --no-errors: timing only
     s["ours_error_local_mean"] = _mean(err["ours"]["local"])
     s["ours_error_propagated_last"] = err["ours"]["propagated"][-1] if err["ours"]["propagated"] else None
     if llmc:
@@ -572,7 +574,7 @@ def render(r: dict) -> str:
                   f"{s['llmc_extrapolation']}; on that cut AlphaQuant was {s['speedup_same_cut']:.1f}x faster end to end."]
     lines += ["", "forward: the collect passes minus Hessian updates and solve; other: the rest of the layer "
               "(resume state, bookkeeping); peak host memory is ru_maxrss of the stage's process."]
-    err = r["cut"]["errors"] if "cut" in r else r["errors"]
+    err = r["cut"]["errors"] if "cut" in r else r.get("errors") or {"ours": {"local": [], "propagated": []}}
     lines += ["", "Per-layer relative output error ||Y_q - Y|| / ||Y|| on the calibration tokens "
               "(local: fp input; propagated: the quantized model's own input):", "",
               "| layer | ours local | llmc local | ours propagated | llmc propagated |", "|---|---|---|---|---|"]

@@ -10,13 +10,14 @@ from .common.checkpoint import CheckpointError, CheckpointReader, ShardWriter
 from .common.config import ModelConfigError, MoEModelConfig, UnsupportedModelError
 from .common.decoder import DecoderLayer, MoEForCausalLM
 from .common.moe import SharedGateAct, SparseMoeBlock, TopKRouter, expert_token_weights
-from .loading import (from_config, from_pretrained, iter_checkpoint_tensors, load_layer, save_pretrained,
+from .loading import (from_config, from_pretrained, install_layer, iter_checkpoint_tensors, load_layer, read_layer,
+                      save_pretrained,
                       unload_layer)
 from .registry import FAMILIES, SUPPORTED_MODEL_TYPES, config_from_dict, family_of
 
 __all__ = [
     "CheckpointError", "CheckpointReader", "ShardWriter", "ModelConfigError", "MoEModelConfig", "UnsupportedModelError", "DecoderLayer",
     "MoEForCausalLM", "SharedGateAct", "SparseMoeBlock", "TopKRouter", "expert_token_weights", "from_config",
-    "from_pretrained", "iter_checkpoint_tensors", "load_layer", "save_pretrained", "unload_layer", "FAMILIES",
+    "from_pretrained", "install_layer", "iter_checkpoint_tensors", "load_layer", "read_layer", "save_pretrained", "unload_layer", "FAMILIES",
     "SUPPORTED_MODEL_TYPES", "config_from_dict", "family_of",
 ]

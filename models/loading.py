@@ -135,16 +135,24 @@ def _check_finite(key: str, raw: torch.Tensor, t: torch.Tensor, directory) -> No
                           f"is corrupt or was saved from a diverged model, so it cannot be quantized.")
 
 
+def _read_tensor(reader: CheckpointReader, model: MoEForCausalLM, key: str, meta: torch.Tensor,
+                 dtype: torch.dtype | None, pin_memory: bool = False) -> torch.Tensor:
+    """One checkpoint tensor copied into fresh host memory (never a view of the mmap'd file: those keep
+    file pages resident, and their odd alignment changes CPU BLAS summation order between load paths)."""
+    if key not in reader:
+        _check_keys(model)
+    raw = reader.read(key)
+    if raw.shape != meta.shape:
+        raise CheckpointError(f"{key}: checkpoint shape {tuple(raw.shape)} != model shape {tuple(meta.shape)} "
+                              f"(does config.json match the weights?).")
+    return torch.empty(raw.shape, dtype=dtype or meta.dtype, pin_memory=pin_memory).copy_(raw)
+
+
 def _materialize(model: MoEForCausalLM, prefix: str, device, dtype: torch.dtype | None) -> None:
     for key, meta in _checkpoint_keys(model, prefix):
-        if key not in model.checkpoint:
-            _check_keys(model)
-        raw = model.checkpoint.read(key)
-        if raw.shape != meta.shape:
-            raise CheckpointError(f"{key}: checkpoint shape {tuple(raw.shape)} != model shape {tuple(meta.shape)} "
-                                  f"(does config.json match the weights?).")
-        t = raw.to(device=device, dtype=dtype or meta.dtype)
-        _check_finite(key, raw, t, model.checkpoint.directory)
+        host = _read_tensor(model.checkpoint, model, key, meta, dtype)
+        t = host.to(device)
+        _check_finite(key, model.checkpoint.read(key), t, model.checkpoint.directory)
         _set_param(model, key, t)
     _retie(model)
 
@@ -199,21 +207,55 @@ def from_config(config_dict: dict[str, Any], dtype: str | torch.dtype | None = N
     return model.eval()
 
 
+def read_layer(model: MoEForCausalLM, i: int, dtype: str | torch.dtype | None = None,
+               pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """Decoder layer i's tensors read from model.checkpoint into host memory, cast to the model dtype.
+
+    The disk-bound half of `load_layer`, safe to run in a background thread while the accelerator
+    works on another layer: it uses its own file handles and touches no module. With pin_memory
+    the tensors land in page-locked memory, so `install_layer` can copy them asynchronously.
+    """
+    if model.checkpoint is None:
+        raise ValueError("load_layer needs a model loaded with models.from_pretrained (it has no checkpoint).")
+    dtype = resolve_dtype(dtype) if dtype is not None else None
+    reader = model.checkpoint.fork()
+    try:
+        return {key: _read_tensor(reader, model, key, meta, dtype, pin_memory)
+                for key, meta in _checkpoint_keys(model, _layer_prefix(i))}
+    finally:
+        # Unmap the shards: safetensors reads through mmap, and every page read stays mapped (and counted
+        # in the process's resident memory) while the file is open, so streaming a 90 GB checkpoint layer
+        # by layer would otherwise end with the whole checkpoint resident. Reopening costs a header parse.
+        reader.close()
+
+
+def install_layer(model: MoEForCausalLM, i: int, tensors: dict[str, torch.Tensor],
+                  device: str | torch.device | None = None) -> nn.Module:
+    """Put `read_layer`'s tensors into layer i on `device` (asynchronous copies from pinned memory);
+    NaN/Inf weights are found with one check for the whole layer. Returns the layer."""
+    device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
+    placed = {k: t.to(device, non_blocking=True) for k, t in tensors.items()}
+    floats = [t for t in placed.values() if t.is_floating_point() and t.numel()]
+    if floats:
+        norms = torch.stack([torch.linalg.vector_norm(t, float("inf")).float() for t in floats])
+        if not bool(torch.isfinite(norms).all()):           # one host sync per layer
+            for key, t in placed.items():                   # rare: find and name the culprit
+                _check_finite(key, model.checkpoint.read(key), t, model.checkpoint.directory)
+            model.checkpoint.close()
+    for key, t in placed.items():
+        _set_param(model, key, t)
+    _retie(model)
+    return model.model.layers[i]
+
+
 def load_layer(model: MoEForCausalLM, i: int, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> nn.Module:
     """Read decoder layer i's weights from model.checkpoint; returns the layer.
 
     device: default = where the embeddings live; dtype: default = the dtype the model was loaded in.
     """
-    if model.checkpoint is None:
-        raise ValueError("load_layer needs a model loaded with models.from_pretrained (it has no checkpoint).")
     device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
-    _materialize(model, _layer_prefix(i), device, resolve_dtype(dtype) if dtype is not None else None)
-    # Unmap the shards: safetensors reads through mmap, and every page read stays mapped (and counted
-    # in the process's resident memory) while the file is open, so streaming a 90 GB checkpoint layer
-    # by layer would otherwise end with the whole checkpoint resident. Reopening costs a header parse.
-    model.checkpoint.close()
-    return model.model.layers[i]
+    return install_layer(model, i, read_layer(model, i, dtype), device)
 
 
 def unload_layer(model: MoEForCausalLM, i: int) -> None:

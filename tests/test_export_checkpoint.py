@@ -219,14 +219,14 @@ def test_failed_write_leaves_nothing(work, monkeypatch):
     d.mkdir()
     model = make_checkpoint("olmoe", d / "model")
     out = d / "out"
-    orig = QuantizedCheckpointWriter.write_layer
+    orig = QuantizedCheckpointWriter.add_layer
 
-    def write_layer(self, i, layer):
+    def add_layer(self, i, tensors):          # runs on the background write thread
         if i == 1:
             raise RuntimeError("disk full (simulated)")
-        return orig(self, i, layer)
+        return orig(self, i, tensors)
 
-    monkeypatch.setattr(QuantizedCheckpointWriter, "write_layer", write_layer)
+    monkeypatch.setattr(QuantizedCheckpointWriter, "add_layer", add_layer)
     cfg = write_config(d / "c.yaml", model, write_corpus(d), quant=MIXED, eval={"enabled": False},
                        calibration=FAST, output={"save": True, "dir": str(out)})
     with pytest.raises(RuntimeError, match="disk full"):

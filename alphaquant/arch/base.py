@@ -96,10 +96,21 @@ class ArchAdapter:
 
     def load_layer(self, model: nn.Module, i: int) -> nn.Module:
         """Layer i with weights present: read from the checkpoint if the model is lazy, else as is."""
-        layer = model.model.layers[i]
-        if any(p.is_meta for p in layer.parameters()):
-            return models.load_layer(model, i)
-        return layer
+        return self.install_layer(model, i, self.read_layer(model, i))
+
+    def read_layer(self, model: nn.Module, i: int, pin_memory: bool = False) -> dict | None:
+        """Layer i's tensors in host memory when it must come from the checkpoint (lazy), else None.
+        Touches no module, so a prefetch thread may call it while another layer runs."""
+        if any(p.is_meta for p in model.model.layers[i].parameters()):
+            return models.read_layer(model, i, pin_memory=pin_memory)
+        return None
+
+    def install_layer(self, model: nn.Module, i: int, tensors: dict | None, device=None) -> nn.Module:
+        """Layer i on `device` (default: where the embeddings are), from `read_layer`'s tensors."""
+        if tensors is None:
+            layer = model.model.layers[i]
+            return layer.to(device) if device is not None else layer
+        return models.install_layer(model, i, tensors, device)
 
     def unload_layer(self, model: nn.Module, i: int) -> None:
         """Free layer i's weights if the model was loaded lazily (an eager model keeps them)."""

@@ -14,8 +14,9 @@ writer.py / reader.py: whole checkpoints; atomic.py: the output directory. Layou
 from .atomic import AtomicDir, check_output_dir
 from .compressed import AQ_PACKED, Layout, compress, decompress, layout_of
 from .qconfig import quantization_config
-from .reader import load_quantized
-from .writer import DequantizedCheckpointWriter, QuantizedCheckpointWriter
+from .reader import decompress_modules, load_quantized
+from .writer import DequantizedCheckpointWriter, LayerCompressor, QuantizedCheckpointWriter
 
-__all__ = ["AQ_PACKED", "AtomicDir", "DequantizedCheckpointWriter", "Layout", "QuantizedCheckpointWriter",
-           "check_output_dir", "compress", "decompress", "layout_of", "load_quantized", "quantization_config"]
+__all__ = ["AQ_PACKED", "AtomicDir", "DequantizedCheckpointWriter", "LayerCompressor", "Layout",
+           "QuantizedCheckpointWriter", "check_output_dir", "compress", "decompress", "decompress_modules",
+           "layout_of", "load_quantized", "quantization_config"]

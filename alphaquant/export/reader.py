@@ -40,6 +40,19 @@ def _set(model: nn.Module, key: str, t: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def decompress_modules(tensors: dict[str, torch.Tensor], specs: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{module name: dequantized weight} for every module of `specs` whose tensors (as
+    LayerCompressor stores them: `<module>.weight_packed`, ...) are in `tensors`."""
+    out = {}
+    for name, spec in specs.items():
+        stored = {n: tensors[f"{name}.{n}"] for n in STORED if f"{name}.{n}" in tensors}
+        if stored:
+            layout = layout_of(spec, act_order="weight_g_idx" in stored)
+            out[name] = decompress(stored, build_format(spec), layout, dtype)
+    return out
+
+
+@torch.no_grad()
 def load_quantized(directory, dtype=None, device=None) -> nn.Module:
     """Our model with dequantized weights from a checkpoint written by QuantizedCheckpointWriter.
 

@@ -35,37 +35,36 @@ def _model_dtype(model) -> torch.dtype:
     return model.model.embed_tokens.weight.dtype
 
 
-class QuantizedCheckpointWriter:
-    """Streams a quantized model into `out_dir` (an existing, empty directory)."""
+class LayerCompressor:
+    """A solved decoder layer as checkpoint tensors: quantized linears compressed (compressed.py),
+    everything else as is in the model dtype. Works where the layer is (the accelerator during a
+    run: encoding and packing every expert on the host dominated the write)."""
 
-    def __init__(self, out_dir, model, specs: dict, records: dict, *, max_shard_size="5GB", source_dir=None):
-        self.out = Path(out_dir)
-        self.model, self.specs, self.records = model, specs, records
-        self.source_dir = Path(source_dir) if source_dir is not None else None
-        self.dtype = _model_dtype(model)
+    stores_quantized = True
+
+    def __init__(self, specs: dict, records: dict, dtype: torch.dtype):
+        self.specs, self.records, self.dtype = specs, records, dtype
         self.act_order: set[str] = set()          # modules stored with a weight_g_idx
-        self.layers_written: set[int] = set()
-        self.shards = ShardWriter(self.out, max_shard_size)
         self._formats: dict = {}                  # spec -> Format, built once per distinct spec
 
-    # --- per layer -------------------------------------------------------------------------
     @torch.no_grad()
-    def write_layer(self, i: int, layer: nn.Module) -> None:
-        """Every tensor of decoder layer i, quantized linears compressed."""
+    def layer_tensors(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """{checkpoint key: tensor on the layer's device} for every tensor of decoder layer i."""
         prefix = f"model.layers.{i}."
+        out: dict[str, torch.Tensor] = {}
         done: set[str] = set()
         for mod_name, mod in layer.named_modules():
             full = prefix + mod_name
             if isinstance(mod, nn.Linear) and self._is_quantized(full):
                 for key, t in self._linear_tensors(full, mod).items():
-                    self.shards.add(f"{full}.{key}", t)
+                    out[f"{full}.{key}"] = t
                 done.update(f"{mod_name}.{p}" for p, _ in mod.named_parameters(recurse=False))
         for name, p in layer.named_parameters():
             if name not in done:
                 if p.is_meta:
                     raise ValueError(f"{prefix}{name} is on the meta device: write_layer needs layer {i} loaded")
-                self.shards.add(prefix + name, p.detach().to(self.dtype))
-        self.layers_written.add(i)
+                out[prefix + name] = p.detach().to(self.dtype)
+        return out
 
     def _is_quantized(self, name: str) -> bool:
         spec = self.specs.get(name)
@@ -83,19 +82,40 @@ class QuantizedCheckpointWriter:
             raise KeyError(f"{name} is quantized by the recipe but has no ModuleRecord; "
                            f"write_layer must run after the layer's GPTQ solve")
         spec = self.specs[name]
-        g_idx = None if rec.g_idx is None else rec.g_idx.detach().cpu()
+        dev = lin.weight.device
+        g_idx = None if rec.g_idx is None else rec.g_idx.detach().to(dev)
         act = g_idx is not None and not is_trivial_g_idx(g_idx)
         layout: Layout = layout_of(spec, act_order=act)
         if act:
             self.act_order.add(name)
-        # compressed where the weight is (the accelerator during a run: encoding and packing every
-        # expert on the host dominated the write), then moved to the host for the shard
-        dev = lin.weight.device
         params = _params_to(rec.params, dev)
-        out = compress(lin.weight.detach(), params, self._format(spec), layout, g_idx.to(dev) if act else None)
+        out = compress(lin.weight.detach(), params, self._format(spec), layout, g_idx if act else None)
         if lin.bias is not None:                      # biases stay dense, as compressed-tensors keeps them
             out["bias"] = lin.bias.detach().to(self.dtype)
-        return {k: v.cpu() for k, v in out.items()}
+        return out
+
+
+class QuantizedCheckpointWriter(LayerCompressor):
+    """Streams a quantized model into `out_dir` (an existing, empty directory)."""
+
+    def __init__(self, out_dir, model, specs: dict, records: dict, *, max_shard_size="5GB", source_dir=None):
+        super().__init__(specs, records, _model_dtype(model))
+        self.out = Path(out_dir)
+        self.model = model
+        self.source_dir = Path(source_dir) if source_dir is not None else None
+        self.layers_written: set[int] = set()
+        self.shards = ShardWriter(self.out, max_shard_size)
+
+    # --- per layer -------------------------------------------------------------------------
+    def write_layer(self, i: int, layer: nn.Module) -> None:
+        """Every tensor of decoder layer i, quantized linears compressed."""
+        self.add_layer(i, {k: v.cpu() for k, v in self.layer_tensors(i, layer).items()})
+
+    def add_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Layer i's `layer_tensors`, already in host memory, into the shards."""
+        for key, t in tensors.items():
+            self.shards.add(key, t)
+        self.layers_written.add(i)
 
     # --- the end ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -139,6 +159,8 @@ class QuantizedCheckpointWriter:
 class DequantizedCheckpointWriter(QuantizedCheckpointWriter):
     """Same interface; writes the dequantized weights as a plain checkpoint (any loader reads it)."""
 
+    stores_quantized = False
+
     def _is_quantized(self, name: str) -> bool:
         return False
 
@@ -154,4 +176,4 @@ def _params_to(p, device):
     return QParams(to(p.scale), to(p.zero), {k: to(v) if torch.is_tensor(v) else v for k, v in p.extra.items()})
 
 
-__all__ = ["QuantizedCheckpointWriter", "DequantizedCheckpointWriter", "TOKENIZER_FILES"]
+__all__ = ["LayerCompressor", "QuantizedCheckpointWriter", "DequantizedCheckpointWriter", "TOKENIZER_FILES"]

@@ -128,7 +128,7 @@ def _tf32_split(t: torch.Tensor):
     return hi, t - hi
 
 
-class _TF32:
+class TF32:
     """Let fp32 matmuls use TF32 tensor cores inside the block (the global setting is restored after)."""
 
     def __enter__(self):
@@ -150,7 +150,7 @@ def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and H.dim() == 2):
         return accumulate_hessian(H, x, weight)
     xf = x.reshape(-1, x.shape[-1]).float()
-    with _TF32():
+    with TF32():
         if weight is None:
             H.addmm_(xf.T, xf)
         else:

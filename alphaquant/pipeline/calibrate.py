@@ -18,6 +18,7 @@ def build_and_walk(session, writer_factory) -> dict:
     from callbacks.solve import GPTQSolve
 
     cfg, adapter = session.cfg, session.adapter
+    t_setup = time.perf_counter()
     quiet_lightning()
     collector = HessianCollector(adapter, mode=cfg.calibration.hessian)
     g = cfg.gptq
@@ -45,12 +46,15 @@ def build_and_walk(session, writer_factory) -> dict:
     out = session.out_dir if (writer_factory and rank0) else None
     resume = _resume_state(session, rank0)
     t0 = time.perf_counter()
+    stages = session.stage_seconds
+    stages["setup"] = t0 - t_setup       # trainer, loggers, resume fingerprint
     with (_atomic(out, cfg.output.overwrite)) as tmp, progress, _clear_on_user_error(resume):
         writer = writer_factory(tmp, solver.records) if tmp is not None else None
         walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
                              on_layer_end=on_layer_end, progress=progress.group_done, resume=resume)
         perplexity = walker.run()
+        stages["walk"] = time.perf_counter() - t0
         results = {
             "run": session.name, "model": cfg.model.path, "family": adapter.family,
             "perplexity": {**{_PPL_NAMES[k]: v for k, v in perplexity.items()}, **session.extra_perplexity},
@@ -63,12 +67,17 @@ def build_and_walk(session, writer_factory) -> dict:
             "modules": {n: {"format": r.spec.label, "tokens": r.tokens, "rel_error": r.rel_error,
                             "loss": r.loss, "fallback": r.fallback} for n, r in solver.records.items()},
         }
+        t1 = time.perf_counter()
         if rank0 and plots_dir(session, tmp) is not None:
             results["plots"] = {k: str(v) for k, v in save_plots(results, plots_dir(session, tmp)).items()}
             log_plots(loggers, results["plots"])
+        stages["plots"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         if writer is not None:
+            results["stage_seconds"] = stages
             writer.finish(extra_files={"alphaquant_recipe.json": _recipe_json(session),
                                        "alphaquant_summary.json": results})
+        stages["finish"] = time.perf_counter() - t1     # non-layer tensors, files, rename
     results["records"] = solver.records
     if resume is not None:
         trainer.strategy.barrier()      # every rank has read the resume state before rank 0 removes it

@@ -2,7 +2,7 @@
 
     <output.dir's parent>/.<name>.resume/
         state.json             {"fingerprint": ..., "layers_done": k, ...}   (written last, atomically)
-        layer_00000.safetensors  the quantized weights of layer 0's solved linears (model dtype)
+        layer_00000.safetensors  layer 0's solved linears as the checkpoint stores them (packed codes + scales)
         layer_00000.pt           their ModuleRecords (scales/zeros/g_idx, tokens, errors) + layer timings
         ...
 
@@ -11,8 +11,9 @@ quantized weights (model, calibration data, recipe, GPTQ options, seed) is uncha
 replays layers 0..k-1: it loads their saved quantized weights instead of collecting
 Hessians and solving, and propagates the activation streams through them exactly as the
 first run did (same batches, same kernels), so layers k.. see bit-identical inputs and the
-final checkpoint is bit-identical to an uninterrupted run. Only weights are saved (about
-one checkpoint's worth in total), never the activation caches (gigabytes per layer).
+final checkpoint is bit-identical to an uninterrupted run. Only the compressed weights are
+saved (one quantized checkpoint's worth in total; they decompress to exactly the solved
+weights), never the activation caches (gigabytes per layer).
 
 Files are written (by a background thread, overlapping the next layer's work) to a temporary
 name and renamed, and state.json is replaced last, so a SIGKILL at any moment leaves the
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_VERSION = 1
+STATE_VERSION = 2          # 2: compressed tensors instead of dequantized weights
 
 
 def resume_dir(out_dir: Path) -> Path:
@@ -84,17 +85,19 @@ class ResumeState:
                 self.clear()
 
     # -- writing ---------------------------------------------------------------------------
-    def save_layer(self, i: int, weights: dict[str, torch.Tensor], records: dict) -> None:
-        """After layer i: its solved weights and records; then state.json says i+1 done.
+    def save_layer(self, i: int, tensors: dict[str, torch.Tensor], records: dict) -> None:
+        """After layer i: its solved linears' checkpoint tensors (LayerCompressor's, keyed
+        `<module>.weight_packed` ...) and records; then state.json says i+1 done.
 
-        The host copies are made here (the caller frees the layer next); the files are written
-        by a background thread while the next layer computes. Only one write is in flight: the
-        previous one is finished (and its error, e.g. a full disk, raised) before a new one starts.
+        Device tensors are copied to the host here; the files are written by a background thread.
+        Only one write is in flight: the previous one is finished (and its error, e.g. a full
+        disk, raised) before a new one starts.
         """
         if not self.writer:
             return
         self.wait()
-        host = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+        host = {k: (v.detach() if v.device.type == "cpu" else v.detach().cpu()).contiguous()
+                for k, v in tensors.items()}
         meta = {"records": {n: _record_dict(r) for n, r in records.items()}}
         self._thread = threading.Thread(target=self._write, args=(i, host, meta), daemon=True,
                                         name=f"resume-layer-{i}")
@@ -132,14 +135,16 @@ class ResumeState:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- reading ---------------------------------------------------------------------------
-    def load_layer(self, i: int, specs: dict):
-        """(weights {full name: tensor}, records {full name: ModuleRecord}) of layer i."""
+    def load_layer(self, i: int, specs: dict, dtype: torch.dtype):
+        """(weights {full name: tensor in dtype}, records {full name: ModuleRecord}) of layer i."""
         from callbacks.solve import ModuleRecord
+        from alphaquant.export import decompress_modules
         from alphaquant.formats.base import QParams
 
         base = self.dir / f"layer_{i:05d}"
-        weights = load_file(str(base.with_suffix(".safetensors")))
         saved = torch.load(base.with_suffix(".pt"), weights_only=True)
+        tensors = load_file(str(base.with_suffix(".safetensors")))
+        weights = decompress_modules(tensors, {n: specs[n] for n in saved["records"]}, dtype)
         records = {}
         for n, r in saved["records"].items():
             params = QParams(r["scale"], r["zero"], r["params_extra"])

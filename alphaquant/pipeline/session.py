@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ class CalibrationSession:
         self.out_dir = Path(cfg.output.dir or f"outputs/{self.name}")
         self.results: dict = {}
         self.extra_perplexity: dict[str, float] = {}   # e.g. {"gptq_uniform": ppl} from eval.compare_hessians
+        self.stage_seconds: dict[str, float] = {}      # data, setup, walk, plots, finish (time outside the layers)
 
     # -- before any weight is read ----------------------------------------------------------
     def prepare(self) -> None:
@@ -68,16 +70,19 @@ class CalibrationSession:
         from alphaquant.pipeline.calibrate import build_and_walk
 
         cfg = self.cfg
+        t0 = time.perf_counter()
         tokenizer = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         mc = self.model.config
         self.windows = build_windows(cfg, tokenizer, vocab_size=mc.vocab_size,
                                      max_pos=getattr(mc, "max_position_embeddings", None))
+        self.stage_seconds["data"] = time.perf_counter() - t0
         # comparison runs first, so the saved summary and the loggers carry their perplexities too
         self.extra_perplexity = {f"gptq_{mode}": self._compare(mode)
                                  for mode in dict.fromkeys(cfg.eval.compare_hessians)
                                  if mode != cfg.calibration.hessian and cfg.eval.enabled}
         self.results = build_and_walk(self, self._writer_factory())
         self.results["hessian"] = cfg.calibration.hessian
+        self.results["stage_seconds"] = self.stage_seconds
 
     def _compare(self, mode: str) -> float:
         """Perplexity of GPTQ with another Hessian mode: a fresh model, nothing saved or logged."""
@@ -88,7 +93,7 @@ class CalibrationSession:
         cfg.eval.before, cfg.eval.rtn, cfg.output.save, cfg.output.resume = False, False, False, False
         cfg.logging.wandb.mode, cfg.logging.csv.enabled = "disabled", False
         other = copy.copy(self)
-        other.cfg, other.extra_perplexity = cfg, {}
+        other.cfg, other.extra_perplexity, other.stage_seconds = cfg, {}, {}
         other.model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, lazy=cfg.model.lazy)
         from alphaquant.pipeline.calibrate import build_and_walk
         return build_and_walk(other, None)["perplexity"]["quantized"]

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alphaquant.export.writer import LayerCompressor
 from alphaquant.pipeline.activations import activation_hooks
+from alphaquant.pipeline.layer_sink import LayerSink
+from alphaquant.pipeline.prefetch import LayerPrefetcher
 from alphaquant.pipeline.runner import LayerRunner, PassPlan
 from alphaquant.recipe import build_format
 from alphaquant.pipeline.stores import SampleStore
@@ -62,8 +65,8 @@ class LayerWalker:
         self.runner.set_block(block, PassPlan(phase, stream, **plan))
         self.trainer.predict(self.runner, datamodule=self.dm, return_predictions=False)
         if stats is not None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()      # the pass's kernels count in its own phase
+            if self.device.type == "cuda":    # the pass's kernels count in its own phase (not the
+                torch.cuda.current_stream().synchronize()    # background write's: another stream)
             key = phase if phase != "collect" else "collect+solve"
             stats.phases[key] = stats.phases.get(key, 0.0) + time.perf_counter() - t0
 
@@ -85,19 +88,41 @@ class LayerWalker:
     # -- the walk -------------------------------------------------------------------------------
     def run(self):
         embed = self.adapter.embed_fn(self.model)
+        device_embed = self._embed_on_device(embed)
         for s in self._streams():
             windows = self.dm.windows["calib" if s == "calib" else "eval"]
-            self.runner.stores[s] = SampleStore(windows, embed, self.opts.cache_device)
+            self.runner.stores[s] = SampleStore(windows, device_embed, self.opts.cache_device)
         n = self.adapter.num_layers(self.model)
         done = self.resume.layers_done if self.resume is not None else 0
-        for i in range(n):
-            self._layer(i, last=(i == n - 1), replay=i < done)
+        self.prefetch = LayerPrefetcher(self.adapter, self.model, n, pin_memory=self.device.type == "cuda")
+        resume_writer = self.resume if self.resume is not None and self.resume.writer else None
+        compressor = LayerCompressor(self.specs, self.solver.records, embed.weight.dtype)
+        self.sink = LayerSink(self.writer, resume_writer, compressor, self.device, self.adapter.layer_prefix)
+        try:
+            for i in range(n):
+                self._layer(i, last=(i == n - 1), replay=i < done)
+                if i == 0:         # every stream now holds hidden states: the device copy is not needed again
+                    for store in self.runner.stores.values():
+                        store.embed = embed
+                    del device_embed
+        finally:
+            self.prefetch.close()
+            self.sink.close()
         if self.opts.evaluate:
             head = self.adapter.head_module(self.model).to(self.device)
             for s in self._streams()[1:]:
                 self._predict(head, "head", s)
             head.to("cpu")
         return self.ppl.results
+
+    def _embed_on_device(self, embed):
+        """The first layer's inputs are embedded where it runs (a CPU embedding would send every
+        batch's hidden states over PCIe once per pass of layer 0)."""
+        weight = next(embed.parameters(), None)
+        if weight is None or weight.device == self.device:
+            return embed
+        on_device = copy.deepcopy(embed).to(self.device)
+        return lambda ids: on_device(ids.to(self.device, non_blocking=True))
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +133,8 @@ class LayerWalker:
         """Quantize layer i; with `replay`, take its solved weights from the resume state instead."""
         stats = LayerStats(i, 0.0)
         t0 = time.perf_counter()
-        layer = self.adapter.load_layer(self.model, i).to(self.device)   # stays there for all passes
+        layer = self.adapter.install_layer(self.model, i, self.prefetch.take(i), self.device)  # stays there
+        self.prefetch.request(i + 1)          # the next layer is read from disk while this one computes
         stats.phases["load"] = time.perf_counter() - t0
         if self.opts.evaluate and self.opts.eval_before:
             self._predict(layer, "propagate", "eval_fp", stats)
@@ -132,32 +158,29 @@ class LayerWalker:
         self.runner.block = None
         for h in aq_handles:
             h.remove()
-        if self.writer is not None:
-            t1 = time.perf_counter()
-            self.writer.write_layer(i, layer)
-            stats.phases["write"] = time.perf_counter() - t1
-        if self.resume is not None and not replay:
-            self._save_resume(i, layer)
-        self.adapter.unload_layer(self.model, i)
-        if not getattr(self.model, "lazy", False):
-            layer.to("cpu")       # an eager model keeps its layers: give the accelerator back
+        t1 = time.perf_counter()
+        prefix = self.adapter.layer_prefix(i)
+        records = {n: r for n, r in self.solver.records.items() if n.startswith(prefix)}
+        self.sink.submit(i, layer, records, save_resume=self.resume is not None and not replay,
+                         release=lambda: self._release(i, layer))
+        stats.phases["write"] = time.perf_counter() - t1     # waiting for the previous layer's write
         stats.seconds = time.perf_counter() - t0
         self.layer_stats.append(stats)
         if self.on_layer_end:
             self.on_layer_end(i, stats)
 
-    # -- resume -----------------------------------------------------------------------------------
-    def _save_resume(self, i, layer):
-        prefix = self.adapter.layer_prefix(i)
-        records = {n: r for n, r in self.solver.records.items() if n.startswith(prefix)}
-        weights = {n: layer.get_submodule(n[len(prefix):]).weight for n in records}
-        self.resume.save_layer(i, weights, records)
+    def _release(self, i, layer):
+        """Free layer i once its write is done (the sink calls this)."""
+        self.adapter.unload_layer(self.model, i)
+        if not getattr(self.model, "lazy", False):
+            layer.to("cpu")       # an eager model keeps its layers: give the accelerator back
 
+    # -- resume -----------------------------------------------------------------------------------
     @torch.no_grad()
     def _restore(self, i, layer) -> None:
         """Layer i's solved weights and records from the resume state (no Hessians, no solve)."""
         prefix = self.adapter.layer_prefix(i)
-        weights, records = self.resume.load_layer(i, self.specs)
+        weights, records = self.resume.load_layer(i, self.specs, next(layer.parameters()).dtype)
         for n, w in weights.items():
             layer.get_submodule(n[len(prefix):]).weight.copy_(w)
         self.solver.records.update(records)

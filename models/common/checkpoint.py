@@ -85,6 +85,12 @@ class CheckpointReader:
     def close(self) -> None:
         self._handles.clear()
 
+    def fork(self) -> "CheckpointReader":
+        """The same index with its own file handles (for a reader thread; headers are parsed again on use)."""
+        other = object.__new__(CheckpointReader)
+        other.directory, other.key_to_file, other._handles = self.directory, self.key_to_file, {}
+        return other
+
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under `key` (or sliced out of a fused expert tensor), in its stored dtype."""
         if key in self.key_to_file:

@@ -1,0 +1,92 @@
+"""Writing each finished decoder layer (checkpoint shards, resume state) behind the next one's work.
+
+Compressing a layer's experts (encode, verify, pack: a few hundred small kernels and host
+syncs), copying the result to the host and handing it to the shard writer and the resume
+state takes as long as a sizeable part of the layer's compute. None of it feeds the next
+layer, so it runs on one background thread, on its own CUDA stream, while the walker goes on
+with layer i+1. The finished layer stays loaded (its weights are what is being compressed)
+until its write is done; the walker frees it through `release` then. At most one layer is in
+flight: submitting layer i+1 first waits for layer i (and raises its error, e.g. a full disk).
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+
+class LayerSink:
+    def __init__(self, writer, resume, compressor, device: torch.device, layer_prefix: Callable[[int], str]):
+        self.writer = writer              # QuantizedCheckpointWriter / Dequantized... or None
+        self.resume = resume              # ResumeState (writing rank) or None
+        self.compressor = compressor      # LayerCompressor for the resume state
+        self.layer_prefix = layer_prefix
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-write")
+        self._inflight: tuple[Future, Callable[[], None]] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.writer is not None or self.resume is not None
+
+    def submit(self, i: int, layer, records: dict, save_resume: bool, release: Callable[[], None]) -> None:
+        """Write layer i in the background; `release()` (free the layer) runs once that is done."""
+        self.wait()
+        if not self.active or not (self.writer is not None or save_resume):
+            release()
+            return
+        ready = None
+        if self.stream is not None:       # the write stream starts after the layer's last kernel
+            ready = torch.cuda.Event()
+            ready.record()
+        future = self._pool.submit(self._write, i, layer, records, save_resume, ready)
+        self._inflight = (future, release)
+
+    def wait(self) -> None:
+        """Finish the write in flight, free its layer, re-raise its error."""
+        if self._inflight is None:
+            return
+        future, release = self._inflight
+        self._inflight = None
+        try:
+            future.result()
+        finally:
+            release()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    # -- on the write thread -------------------------------------------------------------
+    @torch.no_grad()
+    def _write(self, i, layer, records, save_resume, ready) -> None:
+        if self.stream is None:
+            self._write_on_current_stream(i, layer, records, save_resume)
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            self._write_on_current_stream(i, layer, records, save_resume)
+
+    def _write_on_current_stream(self, i, layer, records, save_resume) -> None:
+        w = self.writer
+        shared = w is not None and w.stores_quantized
+        quantized = None
+        if w is not None:
+            host = _to_host(w.layer_tensors(i, layer))
+            w.add_layer(i, host)
+            quantized = host if shared else None
+        if save_resume:
+            if quantized is None:
+                quantized = _to_host(self.compressor.layer_tensors(i, layer))
+            mine = {n: r for n, r in records.items() if n.startswith(self.layer_prefix(i))}
+            solved = {k: t for k, t in quantized.items() if k.rpartition(".")[0] in mine}
+            self.resume.save_layer(i, solved, mine)
+
+
+def _to_host(tensors: dict) -> dict:
+    """Device tensors -> host (pageable: the ShardWriter holds them until a shard is full, and page-locked
+    memory kept that long would grow the host allocator's cache; this thread may block on the copies)."""
+    return {k: t.cpu() for k, t in tensors.items()}
