@@ -194,7 +194,9 @@ class GraphedBlock:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:                                    # capturing records kernels, runs none of them
-            with torch.cuda.graph(graph):
+            # thread_local: other threads (the pipeline's background layer write) may keep calling
+            # CUDA while this thread captures; "global" mode would make their syncs fail
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._body()
             self.graph = graph
         except RuntimeError:
