@@ -187,6 +187,10 @@ def stage_ours(args, work: Path) -> dict:
 
     from alphaquant.config import load_config
     from alphaquant.pipeline.session import CalibrationSession
+    # Imported before the clock starts, as llm-compressor's stage imports transformers and
+    # llmcompressor before its clock: both tools are timed from model load, not interpreter start-up.
+    import alphaquant.pipeline.calibrate  # noqa: F401  (lightning, torchmetrics, torch._dynamo)
+    import callbacks.hessian, callbacks.perplexity, callbacks.solve  # noqa: F401,E401
 
     path = work / "ours.yaml"
     path.write_text(yaml.safe_dump(our_config(args, work), sort_keys=False))
@@ -433,6 +437,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny shapes, 8 windows of 128 tokens")
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (also skipped when not importable)")
+    p.add_argument("--reuse-build", action="store_true", help="keep the workdir's checkpoint from an earlier run")
     p.add_argument("--no-errors", action="store_true", help="skip the per-layer error stage (timing runs)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over our run (workdir/profile*.txt)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
@@ -454,7 +459,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     result = {"command": command, "family": args.family, "model": NAMES[args.family], "device": device_name(args),
               "torch": torch.__version__, "samples": args.samples, "seq_len": args.seq_len, "quick": args.quick}
-    result["build"] = run_stage(args, "build", work)
+    if args.reuse_build and (work / "build.json").is_file():      # same shapes and seed: same checkpoint
+        result["build"] = json.loads((work / "build.json").read_text())
+    else:
+        result["build"] = run_stage(args, "build", work)
     result["ours"] = run_stage(args, "ours", work)
     want_llmc = not args.no_llmc
     if want_llmc and not llmc_available():
