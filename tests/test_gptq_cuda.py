@@ -53,3 +53,17 @@ def test_cuda_agrees_with_cpu():
     assert flipped < 1e-3
     assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-3, atol=0)
     assert gpu.fallback == cpu.fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fast_hessian_matches_fp64(dtype, weighted):
+    """The tensor-core Hessian (half-precision operands, fp32 output) against a float64 sum."""
+    from alphaquant.gptq.hessian import accumulate_hessian_fast
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3000, 256, generator=g) * 3).to(dtype)
+    c = torch.rand(3000, generator=g) if weighted else None
+    H = accumulate_hessian_fast(torch.zeros(256, 256, device="cuda"), x.cuda(), None if c is None else c.cuda())
+    xd = x.double()
+    ref = (xd * (1 if c is None else c.double()[:, None])).T @ xd
+    assert_close(H.cpu().double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -139,17 +139,40 @@ class TF32:
         torch.set_float32_matmul_precision(self.old)
 
 
-def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """`accumulate_hessian` for a 2D H that may use TF32 tensor cores on CUDA, at fp32 accuracy.
+_HALF_MM_FP32_OUT = [True]     # mm(bf16, bf16, out_dtype=float32) available (checked on first use)
 
-    Taken when x is CUDA bf16/fp16: its values are exact in TF32, so X^T X in TF32 has exact
-    products and fp32 accumulation; a routing-weighted operand c*x (fp32) is split into
-    hi + lo TF32 parts (two products, ~2^-21 relative error). Anything else (CPU, fp32
-    inputs) takes `accumulate_hessian` unchanged, bit for bit.
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of half-precision operands with float32 output (exact products, fp32 accumulation)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`accumulate_hessian` for a 2D H on CUDA tensor cores, at fp32 accuracy.
+
+    Taken when x is CUDA bf16/fp16. Its values are exact in that dtype, so X^T X as a half-precision
+    matmul with float32 output has exact products and fp32 accumulation, at twice TF32's rate. A
+    routing-weighted operand c*x (fp32) is split into hi + lo half-precision parts (two products,
+    ~2^-17 relative error of each c*x, far below GPTQ's damping). Where the float32-output matmul
+    is missing, the same split is done in TF32 (hi + lo with 10-bit mantissas). Anything else (CPU,
+    fp32 inputs) takes `accumulate_hessian` unchanged, bit for bit.
     """
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and H.dim() == 2):
         return accumulate_hessian(H, x, weight)
-    xf = x.reshape(-1, x.shape[-1]).float()
+    x2 = x.reshape(-1, x.shape[-1])
+    if _HALF_MM_FP32_OUT[0]:
+        try:
+            if weight is None:
+                H.add_(_mm_fp32(x2.T, x2))
+            else:
+                v = x2.float() * weight.reshape(-1, 1).float()
+                hi = v.to(x.dtype)
+                lo = (v - hi.float()).to(x.dtype)
+                H.add_(_mm_fp32(hi.T, x2)).add_(_mm_fp32(lo.T, x2))
+            return H
+        except (RuntimeError, TypeError, NotImplementedError):     # an older torch / GPU without it
+            _HALF_MM_FP32_OUT[0] = False
+    xf = x2.float()
     with TF32():
         if weight is None:
             H.addmm_(xf.T, xf)
