@@ -1,13 +1,14 @@
 """The layer walk: for each decoder layer, collect -> solve -> propagate, as predict passes.
 
     for layer i:
-        load its weights (lazy models stream them from the checkpoint)
+        install its weights (read from the checkpoint by the prefetch thread during layer i-1)
         propagate the fp evaluation stream through the original layer      (ppl before)
         [propagate the RTN stream through a round-to-nearest copy]         (ppl RTN)
         for each true-sequential group: collect Hessians, solve (callbacks)
         propagate the calibration stream through the quantized layer       (inputs of i+1)
         propagate the quantized evaluation stream                          (ppl after)
-        hand the layer to the writer, free it
+        hand the layer to the sink (compressed and written in the background during layer i+1,
+        then freed)
     head passes turn each evaluation stream into a perplexity.
 
 Every pass is one `trainer.predict` over the sample indices of one stream; the runner
