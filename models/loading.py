@@ -121,12 +121,14 @@ def _check_keys(model: MoEForCausalLM) -> None:
                               f"({model.config.model_type}) needs; the files are incomplete or from another model.")
 
 
-def _check_finite(key: str, raw: torch.Tensor, t: torch.Tensor, directory) -> None:
-    """CheckpointError when a loaded weight holds NaN/Inf (one fused max-norm pass, no copy)."""
+def _check_finite(model: MoEForCausalLM, key: str, t: torch.Tensor) -> None:
+    """CheckpointError when a loaded weight holds NaN/Inf (one fused max-norm pass, no copy); only then
+    is the stored tensor read again, to say whether the file or the cast to the model dtype is at fault."""
     if not t.is_floating_point() or t.numel() == 0:
         return
     if bool(torch.isfinite(torch.linalg.vector_norm(t, float("inf")))):
         return
+    raw, directory = model.checkpoint.read(key), model.checkpoint.directory
     raw_finite = raw.is_floating_point() and bool(torch.isfinite(torch.linalg.vector_norm(raw, float("inf"))))
     if raw_finite:
         raise CheckpointError(f"the weight {key!r} in {directory} overflows to Inf in {t.dtype} "
@@ -152,7 +154,7 @@ def _materialize(model: MoEForCausalLM, prefix: str, device, dtype: torch.dtype 
     for key, meta in _checkpoint_keys(model, prefix):
         host = _read_tensor(model.checkpoint, model, key, meta, dtype)
         t = host.to(device)
-        _check_finite(key, model.checkpoint.read(key), t, model.checkpoint.directory)
+        _check_finite(model, key, t)
         _set_param(model, key, t)
     _retie(model)
 
@@ -240,7 +242,7 @@ def install_layer(model: MoEForCausalLM, i: int, tensors: dict[str, torch.Tensor
         norms = torch.stack([torch.linalg.vector_norm(t, float("inf")).float() for t in floats])
         if not bool(torch.isfinite(norms).all()):           # one host sync per layer
             for key, t in placed.items():                   # rare: find and name the culprit
-                _check_finite(key, model.checkpoint.read(key), t, model.checkpoint.directory)
+                _check_finite(model, key, t)
             model.checkpoint.close()
     for key, t in placed.items():
         _set_param(model, key, t)

@@ -17,23 +17,20 @@ import torch
 
 
 class LayerSink:
-    def __init__(self, writer, resume, compressor, device: torch.device, layer_prefix: Callable[[int], str]):
+    def __init__(self, writer, resume, compressor, device: torch.device):
         self.writer = writer              # QuantizedCheckpointWriter / Dequantized... or None
         self.resume = resume              # ResumeState (writing rank) or None
-        self.compressor = compressor      # LayerCompressor for the resume state
-        self.layer_prefix = layer_prefix
+        self.compressor = compressor      # LayerCompressor for the resume state (the writer when it compresses)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-write")
         self._inflight: tuple[Future, Callable[[], None]] | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.writer is not None or self.resume is not None
-
     def submit(self, i: int, layer, records: dict, save_resume: bool, release: Callable[[], None]) -> None:
-        """Write layer i in the background; `release()` (free the layer) runs once that is done."""
+        """Write layer i (records: its solved linears') in the background; `release()` (free the layer)
+        runs once that is done."""
         self.wait()
-        if not self.active or not (self.writer is not None or save_resume):
+        save_resume = save_resume and self.resume is not None
+        if self.writer is None and not save_resume:
             release()
             return
         ready = None
@@ -71,19 +68,17 @@ class LayerSink:
             self._write_on_current_stream(i, layer, records, save_resume)
 
     def _write_on_current_stream(self, i, layer, records, save_resume) -> None:
-        w = self.writer
-        shared = w is not None and w.stores_quantized
         quantized = None
-        if w is not None:
-            host = _to_host(w.layer_tensors(i, layer))
-            w.add_layer(i, host)
-            quantized = host if shared else None
+        if self.writer is not None:
+            host = _to_host(self.writer.layer_tensors(i, layer))
+            self.writer.add_layer(i, host)
+            if self.writer is self.compressor:       # the checkpoint's tensors are the resume state's
+                quantized = host
         if save_resume:
             if quantized is None:
                 quantized = _to_host(self.compressor.layer_tensors(i, layer))
-            mine = {n: r for n, r in records.items() if n.startswith(self.layer_prefix(i))}
-            solved = {k: t for k, t in quantized.items() if k.rpartition(".")[0] in mine}
-            self.resume.save_layer(i, solved, mine)
+            solved = {k: t for k, t in quantized.items() if k.rpartition(".")[0] in records}
+            self.resume.save_layer(i, solved, records)
 
 
 def _to_host(tensors: dict) -> dict:

@@ -97,8 +97,9 @@ class LayerWalker:
         done = self.resume.layers_done if self.resume is not None else 0
         self.prefetch = LayerPrefetcher(self.adapter, self.model, n, pin_memory=self.device.type == "cuda")
         resume_writer = self.resume if self.resume is not None and self.resume.writer else None
-        compressor = LayerCompressor(self.specs, self.solver.records, embed.weight.dtype)
-        self.sink = LayerSink(self.writer, resume_writer, compressor, self.device, self.adapter.layer_prefix)
+        compresses = self.writer is not None and self.writer.stores_quantized
+        compressor = self.writer if compresses else LayerCompressor(self.specs, self.solver.records, embed.weight.dtype)
+        self.sink = LayerSink(self.writer, resume_writer, compressor, self.device)
         try:
             for i in range(n):
                 self._layer(i, last=(i == n - 1), replay=i < done)
