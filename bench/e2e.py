@@ -211,6 +211,11 @@ def stage_ours(args, work: Path) -> dict:
             with record_function(f"pass:{phase}:{stream}:g{plan.get('group_index', '')}"):
                 return orig(self, block, phase, stream, stats, **plan)
         walker_mod.LayerWalker._predict = labelled
+    cprof = None
+    if args.cprofile:              # host-side (Python) time per function: where a CPU-bound run goes
+        import cProfile
+        cprof = cProfile.Profile()
+        cprof.enable()
     t0 = time.perf_counter()
     session = CalibrationSession(load_config(str(path), []))
     session.prepare()
@@ -218,6 +223,14 @@ def stage_ours(args, work: Path) -> dict:
     session.run()
     sync(args.device)
     t2 = time.perf_counter()
+    if cprof is not None:
+        import io
+        import pstats
+        cprof.disable()
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(cprof, stream=buf).sort_stats(key).print_stats(80)
+            (work / f"cprofile_{key}.txt").write_text(buf.getvalue())
     if prof is not None:
         prof.__exit__(None, None, None)
         sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
@@ -239,7 +252,7 @@ def stage_ours(args, work: Path) -> dict:
     return {"seconds_end_to_end": t2 - t0, "seconds_prepare": t1 - t0, "seconds_run": t2 - t1,
             "stage_seconds": res.get("stage_seconds", {}), "solve_seconds": res["solve_seconds"], "layers": layers, "memory": memory(args.device),
             "checkpoint_gib": sum(f.stat().st_size for f in (work / "ours_out").glob("*.safetensors")) / 2**30,
-            "batch_size": args.batch_size, "hessian": args.hessian, "profiled": bool(args.profile)}
+            "batch_size": args.batch_size, "hessian": args.hessian, "profiled": bool(args.profile or args.cprofile)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +431,8 @@ def stage_argv(args) -> list[str]:
         argv += ["--layers", str(args.layers)]
     if args.profile:
         argv.append("--profile")
+    if args.cprofile:
+        argv.append("--cprofile")
     return argv
 
 
@@ -440,6 +455,7 @@ def main(argv=None) -> dict:
     p.add_argument("--reuse-build", action="store_true", help="keep the workdir's checkpoint from an earlier run")
     p.add_argument("--no-errors", action="store_true", help="skip the per-layer error stage (timing runs)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over our run (workdir/profile*.txt)")
+    p.add_argument("--cprofile", action="store_true", help="cProfile over our run (workdir/cprofile_*.txt)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
     p.add_argument("--stage", default=None, choices=sorted(STAGES), help=argparse.SUPPRESS)

@@ -46,6 +46,10 @@ class HessianCollector(Callback):
         self.layer_seconds: dict[int, float] = {}   # layer index -> Hessian-update seconds (the walker pops them)
         self._timer = None
         self.early_stop = True       # stop each collect forward once the group's inputs exist
+        # (layer class, group) -> the group input a forward makes last: learned on the first batch of
+        # the first layer that has the group, then reused (the same modules run in the same order), so
+        # later layers never run a whole forward just to learn where to stop
+        self._stop_names: dict[tuple, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def on_predict_start(self, trainer, runner):
@@ -71,10 +75,12 @@ class HessianCollector(Callback):
         # early stop: a group of plain linears stops at the pre-hook of the last one the forward calls
         # (learned on the first batch); a group fed only from MoE block inputs stops at the router
         plain = all(self.sources[n].kind == "plain" and not self._is_expert(n) for n in group)
-        self._stop_name, self._learn_stop = None, self.early_stop and plain
+        self._stop_key = (type(layer).__qualname__, tuple(group))
+        self._stop_name = self._stop_names.get(self._stop_key) if self.early_stop and plain else None
+        self._learn_stop = self.early_stop and plain and self._stop_name is None
         self._stop_at_router = (self.early_stop and len(group) > 0
                                 and all(n in self._from_block_input for n in group))
-        if self._learn_stop or self._stop_at_router:
+        if self._stop_name is not None or self._learn_stop or self._stop_at_router:
             self._wrap_forward(layer)
 
     def on_predict_end(self, trainer, runner):
@@ -172,6 +178,7 @@ class HessianCollector(Callback):
         inputs, self._inputs = self._inputs, []
         if self._learn_stop and inputs:
             self._stop_name, self._learn_stop = inputs[-1][0], False    # the last group input the forward makes
+            self._stop_names[self._stop_key] = self._stop_name
         plans = {}
         for b in self.blocks:
             ids = self._routing.get(b.name)

@@ -151,3 +151,46 @@ def test_all_experts_down_proj_sees_every_token(checkpoints):
         h = torch.nn.functional.silu(ex.gate_proj(seen["x"])) * ex.up_proj(seen["x"])   # [T, I]
     torch.testing.assert_close(col.states["mlp.experts.5.down_proj"].H, h.T @ h)
     assert int(col.states["mlp.experts.5.down_proj"].n_tokens) == 32
+
+
+def test_early_stop_learned_once_and_hessians_unchanged(checkpoints):
+    """A plain group's collect forward stops at its last input: learned on the first batch of the first
+    layer, reused by the next layer from its first batch on; the Hessians equal full forwards'."""
+    from alphaquant.arch import get_adapter
+    from alphaquant.pipeline.runner import PassPlan
+    from callbacks.hessian import HessianCollector
+
+    _, _, dirs = checkpoints
+    model = models.from_pretrained(dirs["olmoe"], dtype="fp32")
+    adapter = get_adapter(model)
+    batches = [model.prepare_layer_inputs(torch.arange(32).reshape(2, 16) + 7 * b) for b in range(2)]
+    mlp_calls = []
+
+    def collect(col, i):
+        layer = model.model.layers[i]
+        group = adapter.sequential_groups(layer)[0]                  # q/k/v: the MLP is not needed
+
+        class Runner:
+            block, device = layer, torch.device("cpu")
+            plan = PassPlan("collect", "calib", i, 0, group)
+        h = layer.mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(i))
+        col.on_predict_start(None, Runner)
+        with torch.no_grad():
+            for hidden, kw in batches:
+                Runner.block(hidden, **kw)
+        col.on_predict_end(None, Runner)
+        h.remove()
+        return {k: s.H.clone() for k, s in col.states.items()}
+
+    full = HessianCollector(adapter)
+    full.early_stop = False
+    reference = [collect(full, i) for i in (0, 1)]
+    assert mlp_calls == [0, 0, 1, 1]
+    mlp_calls.clear()
+    col = HessianCollector(adapter)
+    stopped = [collect(col, i) for i in (0, 1)]
+    assert mlp_calls == [0]                     # only the first batch of layer 0 ran the whole layer
+    for ref, got in zip(reference, stopped):
+        assert ref.keys() == got.keys()
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), k

@@ -98,18 +98,19 @@ class LayerCompressor:
 class QuantizedCheckpointWriter(LayerCompressor):
     """Streams a quantized model into `out_dir` (an existing, empty directory).
 
-    Shards of at most 2 GB: a full shard is written out while the walk goes on (the pipeline adds
+    Shards of at most 1 GB: a full shard is written out while the walk goes on (the pipeline adds
     layers from its background write thread), so only the last one waits at the end. With 5 GB
     shards a quantized OLMoE-1B-7B (3.7 GB) was one shard, all of it written after the last layer.
     """
 
-    def __init__(self, out_dir, model, specs: dict, records: dict, *, max_shard_size="2GB", source_dir=None):
+    def __init__(self, out_dir, model, specs: dict, records: dict, *, max_shard_size="1GB", source_dir=None):
         super().__init__(specs, records, _model_dtype(model))
         self.out = Path(out_dir)
         self.model = model
         self.source_dir = Path(source_dir) if source_dir is not None else None
         self.layers_written: set[int] = set()
         self.shards = ShardWriter(self.out, max_shard_size)
+        self._non_layer_added = self._tensors_done = False
 
     # --- per layer -------------------------------------------------------------------------
     def write_layer(self, i: int, layer: nn.Module) -> None:
@@ -124,19 +125,35 @@ class QuantizedCheckpointWriter(LayerCompressor):
 
     # --- the end ---------------------------------------------------------------------------
     @torch.no_grad()
-    def finish(self, extra_files: dict[str, dict] | None = None) -> None:
-        """Non-layer tensors, config.json, index, tokenizer files, extra JSON files."""
-        n = len(self.model.model.layers)
-        missing = sorted(set(range(n)) - self.layers_written)
-        if missing:
-            raise ValueError(f"finish() before every layer was written; missing layers {missing}")
+    def add_non_layer(self) -> None:
+        """Embedding, final norm and LM head into the shards (none of them is quantized). The pipeline
+        calls this from its background write thread before the first layer, so they go out with an early
+        shard instead of adding to the last one, which is written after the last layer."""
+        if self._non_layer_added:
+            return
         tied = self.model.config.tie_word_embeddings
         for key, p in self.model.named_parameters(remove_duplicate=False):
             if key.startswith("model.layers.") or (tied and key == "lm_head.weight"):
                 continue
             t = self.model.checkpoint.read(key) if p.is_meta else p.detach()
             self.shards.add(key, t.to(self.dtype))
+        self._non_layer_added = True
+
+    def finish_tensors(self) -> None:
+        """Every tensor on disk: the non-layer ones (unless added already) and the last shard."""
+        if self._tensors_done:
+            return
+        n = len(self.model.model.layers)
+        missing = sorted(set(range(n)) - self.layers_written)
+        if missing:
+            raise ValueError(f"finish() before every layer was written; missing layers {missing}")
+        self.add_non_layer()
         self.shards.close()
+        self._tensors_done = True
+
+    def finish(self, extra_files: dict[str, dict] | None = None) -> None:
+        """The remaining tensors (`finish_tensors`), config.json, index, tokenizer files, extra JSON files."""
+        self.finish_tensors()
         self._write_json("config.json", self.config_dict())
         self._copy_tokenizer()
         for fname, data in (extra_files or {}).items():

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+from alphaquant.pipeline.accelerator import release_cached_memory
 from alphaquant.pipeline.datamodule import WindowDataModule
 from alphaquant.pipeline.plots import log_plots, save_plots
 from alphaquant.pipeline.progress import LayerProgress
@@ -54,6 +56,7 @@ def build_and_walk(session, writer_factory) -> dict:
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
                              on_layer_end=on_layer_end, progress=progress.group_done, resume=resume)
         perplexity = walker.run()
+        release_cached_memory()
         stages["walk"] = time.perf_counter() - t0
         results = {
             "run": session.name, "model": cfg.model.path, "family": adapter.family,
@@ -68,16 +71,21 @@ def build_and_walk(session, writer_factory) -> dict:
                             "loss": r.loss, "fallback": r.fallback} for n, r in solver.records.items()},
         }
         t1 = time.perf_counter()
-        if rank0 and plots_dir(session, tmp) is not None:
-            results["plots"] = {k: str(v) for k, v in save_plots(results, plots_dir(session, tmp)).items()}
-            log_plots(loggers, results["plots"])
-        stages["plots"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="last-shard") as pool:
+            # the last shard is written while the plots are drawn (disk vs. matplotlib)
+            tensors = pool.submit(writer.finish_tensors) if writer is not None else None
+            if rank0 and plots_dir(session, tmp) is not None:
+                results["plots"] = {k: str(v) for k, v in save_plots(results, plots_dir(session, tmp)).items()}
+                log_plots(loggers, results["plots"])
+            stages["plots"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            if tensors is not None:
+                tensors.result()
         if writer is not None:
             results["stage_seconds"] = stages
             writer.finish(extra_files={"alphaquant_recipe.json": _recipe_json(session),
                                        "alphaquant_summary.json": results})
-        stages["finish"] = time.perf_counter() - t1     # non-layer tensors, files, rename
+        stages["finish"] = time.perf_counter() - t1     # the last shard after the plots, JSON files
     results["records"] = solver.records
     if resume is not None:
         trainer.strategy.barrier()      # every rank has read the resume state before rank 0 removes it

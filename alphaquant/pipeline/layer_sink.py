@@ -40,6 +40,11 @@ class LayerSink:
         future = self._pool.submit(self._write, i, layer, records, save_resume, ready)
         self._inflight = (future, release)
 
+    def run(self, task: Callable[[], None]) -> None:
+        """Run `task` (host-side writer work) on the write thread, in turn with the layers."""
+        self.wait()
+        self._inflight = (self._pool.submit(task), lambda: None)
+
     def wait(self) -> None:
         """Finish the write in flight, free its layer, re-raise its error."""
         if self._inflight is None:

@@ -7,6 +7,8 @@ import warnings
 
 import lightning as L
 
+from alphaquant.pipeline.accelerator import trainer_accelerator
+
 
 def quiet_lightning() -> None:
     """Calibration calls trainer.predict once per pass; keep Lightning's per-call chatter out."""
@@ -47,13 +49,37 @@ def _wandb_settings():
     return wandb.Settings(silent=True, console="off")
 
 
+# Environment variables an MPI launcher sets (Open MPI, MPICH/Hydra and Intel MPI, PMIx, MVAPICH).
+MPI_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def cluster_plugins() -> list:
+    """[LightningEnvironment()] when no cluster launcher started this process, else [] (Lightning detects it).
+
+    Lightning's own detection ends with MPIEnvironment.detect(), which imports mpi4py wherever it is
+    installed and so initialises MPI (0.4 s on the GPU image) only to learn that the world has one
+    process. Without an MPI launcher's variables MPI cannot see more than one process, so the check
+    is skipped then; SLURM, torchrun and LSF are detected by Lightning as before.
+    """
+    import os
+
+    from lightning.fabric.plugins.environments import (LightningEnvironment, LSFEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+    if any(env.detect() for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment)):
+        return []
+    if any(v in os.environ for v in MPI_LAUNCHER_VARS):
+        return []
+    return [LightningEnvironment()]
+
+
 def build_trainer(cfg, callbacks: list, loggers: list) -> L.Trainer:
     t = cfg.trainer
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        accelerator=trainer_accelerator(t.accelerator), devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         inference_mode=False,          # tensors made under inference mode could not be updated later
         logger=loggers or False, callbacks=callbacks,
         enable_progress_bar=False,     # one predict per pass: rich shows progress over layers instead
         enable_model_summary=False, enable_checkpointing=False,
-        use_distributed_sampler=True,  # fixed, disjoint per-rank shares of the sample indices
+        use_distributed_sampler=True,
+        plugins=cluster_plugins(),  # fixed, disjoint per-rank shares of the sample indices
     )

@@ -100,6 +100,8 @@ class LayerWalker:
         compresses = self.writer is not None and self.writer.stores_quantized
         compressor = self.writer if compresses else LayerCompressor(self.specs, self.solver.records, embed.weight.dtype)
         self.sink = LayerSink(self.writer, resume_writer, compressor, self.device)
+        if self.writer is not None:       # embedding and head go into an early shard, during layer 0
+            self.sink.run(self.writer.add_non_layer)
         try:
             for i in range(n):
                 self._layer(i, last=(i == n - 1), replay=i < done)
