@@ -247,7 +247,7 @@ def stage_ours(args, work: Path) -> dict:
                  "hessian": hess, "solve": solve, "propagate": ph.pop("propagate", 0.0),
                  "write": ph.pop("write", 0.0)}
         split["other"] = row["seconds"] - sum(v or 0.0 for v in split.values())
-        layers.append({"layer": row["layer"], "seconds": row["seconds"], **split,
+        layers.append({"layer": row["layer"], "seconds": row["seconds"], **split, "passes": row.get("passes", {}),
                        "mean_rel_error_proxy": row["mean_rel_error"], "fallbacks": row["fallbacks"]})
     return {"seconds_end_to_end": t2 - t0, "seconds_prepare": t1 - t0, "seconds_run": t2 - t1,
             "stage_seconds": res.get("stage_seconds", {}), "solve_seconds": res["solve_seconds"], "layers": layers, "memory": memory(args.device),

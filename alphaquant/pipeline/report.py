@@ -48,7 +48,7 @@ def layer_error_table(records: dict, layer_stats) -> list[dict]:
                      "mean_rel_error": statistics.fmean(errs) if errs else 0.0,
                      "max_rel_error": max(errs) if errs else 0.0,
                      "fallbacks": sum(r.fallback is not None for r in recs),
-                     "seconds": st.seconds, "phases": st.phases, "restored": st.restored})
+                     "seconds": st.seconds, "phases": st.phases, "passes": st.passes, "restored": st.restored})
     return rows
 
 

@@ -46,6 +46,7 @@ class LayerStats:
     index: int
     seconds: float
     phases: dict = field(default_factory=dict)     # pass kind -> seconds
+    passes: dict = field(default_factory=dict)     # "phase:stream[:gN]" -> seconds of each pass (diagnostics)
     restored: bool = False                          # solved weights came from the resume state
 
 
@@ -69,7 +70,10 @@ class LayerWalker:
             if self.device.type == "cuda":    # the pass's kernels count in its own phase (not the
                 torch.cuda.current_stream().synchronize()    # background write's: another stream)
             key = phase if phase != "collect" else "collect+solve"
-            stats.phases[key] = stats.phases.get(key, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            stats.phases[key] = stats.phases.get(key, 0.0) + dt
+            name = f"{phase}:{stream}" + (f":g{plan['group_index']}" if "group_index" in plan else "")
+            stats.passes[name] = stats.passes.get(name, 0.0) + dt
 
     def _streams(self):
         names = ["calib"]
