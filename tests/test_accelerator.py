@@ -71,3 +71,27 @@ def test_cluster_detection_skips_mpi_only_without_a_launcher(monkeypatch):
         monkeypatch.setenv(v, "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert cluster_plugins() == []
+
+
+def test_predict_runs_never_empty_the_cuda_cache(monkeypatch):
+    """Through build_trainer (CPU here): a predict call does not reach torch.cuda.empty_cache (Lightning's
+    checkpoint connector calls it on every run)."""
+    from alphaquant.config import Config
+    from alphaquant.pipeline.trainer import build_trainer, quiet_lightning
+    quiet_lightning()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    cfg = Config.from_dict({"model": {"path": "unused"}, "trainer": {"accelerator": "cpu", "devices": 1}})
+    trainer = build_trainer(cfg, [], [])
+    dl = torch.utils.data.DataLoader(torch.arange(2), batch_size=1)
+    trainer.predict(_Noop(), dl, return_predictions=False)
+    assert calls == []
+    plain = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    plain.predict(_Noop(), dl, return_predictions=False)
+    assert calls == [1]                  # the reference: Lightning's own run empties it once
+
+
+class _Noop(L.LightningModule):
+    def predict_step(self, batch, i):
+        return None

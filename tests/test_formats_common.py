@@ -152,3 +152,18 @@ def test_fp8_channel_matches_compressed_tensors():
     fmt = get_format("fp8_e4m3")
     assert torch.equal(fmt.params(w).scale, scale)
     assert torch.equal(fmt.fake_quantize(w), fake_quantize(w, scale, None, args))
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_formats_built_from_the_same_options_are_equal_and_hash_equal(name):
+    a, b = get_format(name), get_format(name)
+    assert a is not b and a == b and hash(a) == hash(b) and len({a, b}) == 1
+    if "group_size" in vars(a) and a.group_size not in (-1, 32) and not a.is_identity:
+        assert a != get_format(name, group_size=32)
+
+
+def test_int_formats_differ_by_symmetry_and_bits():
+    assert get_format("int4", sym=True) != get_format("int4", sym=False)
+    assert get_format("int4") != get_format("int8")
+    assert get_format("int4") != get_format("int4", check_finite=False)
+    assert get_format("mxfp4") != get_format("mxfp6_e2m3")

@@ -282,3 +282,19 @@ def test_upper_cholesky_of_inverse_matches_gptq_reference_steps():
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     assert not bad.any()
     assert_close(U, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_graph_cache_is_keyed_by_format_value_not_object():
+    """The pipeline builds a new Format for every solve: equal formats must find the captured block
+    (with identity hashing every decoder layer re-captured its CUDA graphs)."""
+    from alphaquant.gptq.sweep import _GRAPH_CACHE, clear_graph_cache, graphed_block
+    clear_graph_cache()
+    fmt1, fmt2 = get_format("int4", group_size=32), get_format("int4", group_size=32)
+    P = fmt1.params(torch.randn(2, 8, 64))
+    P1 = P.__class__(P.scale[:, :, :1].expand(2, 8, 4).transpose(1, 2).contiguous(), None, {})
+    a = graphed_block(fmt1, P1, 2, 4, 8, torch.float32, "cpu")
+    b = graphed_block(fmt2, P1, 2, 4, 8, torch.float32, "cpu")
+    assert a is b and len(_GRAPH_CACHE) == 1
+    c = graphed_block(get_format("int4", group_size=32, sym=False), P1, 2, 4, 8, torch.float32, "cpu")
+    assert c is not a and len(_GRAPH_CACHE) == 2
+    clear_graph_cache()

@@ -113,6 +113,21 @@ class Format:
     is_identity: bool = False
     check_finite: bool = True
 
+    # --- value semantics -------------------------------------------------------------
+    # Two formats built from the same options are the same format: the solver's CUDA-graph cache
+    # is keyed by format, and the pipeline builds a fresh Format per solve (with identity hashing
+    # every decoder layer captured its graphs again: ~0.1 s per capture, and each capture empties
+    # the CUDA and pinned-memory caches).
+    def _options(self) -> tuple:
+        return (type(self),) + tuple(sorted((k, v) for k, v in vars(self).items()
+                                            if not k.startswith("_") and not torch.is_tensor(v)))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Format) and self._options() == other._options()
+
+    def __hash__(self) -> int:
+        return hash(self._options())
+
     # --- shape helpers -------------------------------------------------------------
     def group_len(self, cols: int) -> int:
         """Elements per group for a last dimension of `cols` (checks divisibility)."""

@@ -1,7 +1,9 @@
-"""A CUDA accelerator that keeps PyTorch's memory cache between `trainer.predict` calls.
+"""Keeping PyTorch's CUDA memory cache between `trainer.predict` calls.
 
 Lightning's CUDAAccelerator empties the caching allocator and drops cuBLAS's workspaces in
-both `setup` and `teardown`, i.e. twice per `trainer.predict`. The layer walk makes one
+both `setup` and `teardown`, and its checkpoint connector empties the allocator once more at
+the start of every run (`resume_end`, even with no checkpoint to resume): three times per
+`trainer.predict`. The layer walk makes one
 predict call per pass (five or more per decoder layer), so every pass gave its activation
 buffers back to the driver (`cudaFree`, which synchronises the device) and allocated them
 again (`cudaMalloc`), and cuBLAS rebuilt its workspace on the next matmul. Keeping the cache
@@ -22,6 +24,24 @@ class CachedCUDAAccelerator(CUDAAccelerator):
 
     def teardown(self) -> None:
         pass
+
+
+def keep_cache_on_resume_end(trainer) -> None:
+    """Make the trainer's `resume_end` skip its `torch.cuda.empty_cache()` when there is no checkpoint
+    to resume (always, for predict passes). Everything else it does (the barrier) is kept. Lightning's
+    private connector: if a release renames it, nothing is patched and only speed is lost."""
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    original = getattr(connector, "resume_end", None)
+    if original is None:
+        return
+
+    def resume_end() -> None:
+        if connector._ckpt_path:
+            original()
+            return
+        connector._loaded_checkpoint = {}
+        trainer.strategy.barrier("_CheckpointConnector.resume_end")
+    connector.resume_end = resume_end
 
 
 def trainer_accelerator(name: str):

@@ -7,7 +7,7 @@ import warnings
 
 import lightning as L
 
-from alphaquant.pipeline.accelerator import trainer_accelerator
+from alphaquant.pipeline.accelerator import keep_cache_on_resume_end, trainer_accelerator
 
 
 def quiet_lightning() -> None:
@@ -74,12 +74,14 @@ def cluster_plugins() -> list:
 
 def build_trainer(cfg, callbacks: list, loggers: list) -> L.Trainer:
     t = cfg.trainer
-    return L.Trainer(
+    trainer = L.Trainer(
         accelerator=trainer_accelerator(t.accelerator), devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         inference_mode=False,          # tensors made under inference mode could not be updated later
         logger=loggers or False, callbacks=callbacks,
         enable_progress_bar=False,     # one predict per pass: rich shows progress over layers instead
         enable_model_summary=False, enable_checkpointing=False,
-        use_distributed_sampler=True,
-        plugins=cluster_plugins(),  # fixed, disjoint per-rank shares of the sample indices
+        use_distributed_sampler=True,  # fixed, disjoint per-rank shares of the sample indices
+        plugins=cluster_plugins(),
     )
+    keep_cache_on_resume_end(trainer)
+    return trainer

@@ -5,9 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import MoEModelConfig
 from .layers import RMSNorm, apply_rotary
+
+
+# SDPA on CUDA without the cuDNN backend, which PyTorch prefers on Hopper: cuDNN builds an execution plan
+# the first time it sees a shape (1.4 s of the first decoder layer on an H100, for calibration batches,
+# again for evaluation batches); flash and memory-efficient attention need no such set-up.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def causal_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor | None:
@@ -67,5 +74,9 @@ class Attention(nn.Module):
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # (B, nh, S, hd); no mask = no padding and no window: plain causal on the fused kernels
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if q.is_cuda:
+            with sdpa_kernel(CUDA_SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
