@@ -165,9 +165,11 @@ def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tens
             if weight is None:
                 H.add_(_mm_fp32(x2.T, x2))
             else:
-                v = x2.float() * weight.reshape(-1, 1).float()
+                # bf16 * fp32 computes in fp32 (the same values as x2.float() * w, one pass instead of
+                # two); v - hi promotes hi exactly, and is done in place: 4 elementwise passes, not 6
+                v = x2 * weight.reshape(-1, 1).float()
                 hi = v.to(x.dtype)
-                lo = (v - hi.float()).to(x.dtype)
+                lo = v.sub_(hi).to(x.dtype)
                 H.add_(_mm_fp32(hi.T, x2)).add_(_mm_fp32(lo.T, x2))
             return H
         except (RuntimeError, TypeError, NotImplementedError):     # an older torch / GPU without it
