@@ -63,8 +63,17 @@ SHAPES = {
         num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5,
         rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, hidden_act="silu",
         initializer_range=0.02, bos_token_id=1, eos_token_id=2),
+    "deepseek": dict(  # deepseek-ai/deepseek-moe-16b-base (first layer dense, 2 shared + 64 routed experts)
+        model_type="deepseek", architectures=["DeepseekForCausalLM"], vocab_size=102400, hidden_size=2048,
+        intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False, scoring_func="softmax",
+        max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False,
+        tie_word_embeddings=False, hidden_act="silu", initializer_range=0.02, bos_token_id=100000,
+        eos_token_id=100001),
 }
-NAMES = {"olmoe": "OLMoE-1B-7B", "qwen2_moe": "Qwen1.5-MoE-A2.7B", "mixtral": "Mixtral-8x7B"}
+NAMES = {"olmoe": "OLMoE-1B-7B", "qwen2_moe": "Qwen1.5-MoE-A2.7B", "mixtral": "Mixtral-8x7B",
+         "deepseek": "DeepSeek-MoE-16B"}
 # --quick: same families, tiny widths (multiples of 128 so group size 128 divides every input)
 QUICK = {"olmoe": dict(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2),
@@ -72,7 +81,10 @@ QUICK = {"olmoe": dict(vocab_size=512, hidden_size=128, intermediate_size=128, n
                            shared_expert_intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=4, num_experts=8, num_experts_per_tok=2),
          "mixtral": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)}
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4),
+         "deepseek": dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                          num_experts_per_tok=2)}
 ROUTER_IGNORE = {"olmoe": ["re:.*mlp\\.gate$"], "qwen2_moe": ["re:.*mlp\\.gate$", "re:.*shared_expert_gate$"],
                  "mixtral": ["re:.*block_sparse_moe\\.gate$"]}
 
@@ -179,7 +191,7 @@ def our_config(args, work: Path) -> dict:
 
 def our_skips(family):
     return {"olmoe": ["*.mlp.gate", "lm_head"], "qwen2_moe": ["*.mlp.gate", "*.shared_expert_gate", "lm_head"],
-            "mixtral": ["*.block_sparse_moe.gate", "lm_head"]}[family]
+            "mixtral": ["*.block_sparse_moe.gate", "lm_head"], "deepseek": ["*.mlp.gate", "lm_head"]}[family]
 
 
 def stage_ours(args, work: Path) -> dict:
@@ -481,6 +493,10 @@ def main(argv=None) -> dict:
         result["build"] = run_stage(args, "build", work)
     result["ours"] = run_stage(args, "ours", work)
     want_llmc = not args.no_llmc
+    if want_llmc and args.family not in ROUTER_IGNORE:
+        print(f"[e2e] llm-compressor loads models through transformers, which has no {NAMES[args.family]} "
+              f"architecture (it needs the checkpoint's remote code): our side only", flush=True)
+        want_llmc = False
     if want_llmc and not llmc_available():
         print("[e2e] llm-compressor is not importable: our side only", flush=True)
         want_llmc = False
