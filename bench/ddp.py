@@ -101,6 +101,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 8 windows of 128 tokens")
     p.add_argument("--reuse-build", action="store_true")
+    p.add_argument("--launcher", default="torchrun", choices=["torchrun", "lightning"],
+                   help="start all ranks at once with torchrun, or let Lightning start ranks 1.. from rank 0 "
+                        "(they then load the model after rank 0 has)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
     args = p.parse_args(argv)
@@ -117,17 +120,28 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     build = (json.loads((work / "build.json").read_text()) if args.reuse_build and (work / "build.json").is_file()
              else e2e.run_stage(ns, "build", work))
+    # control: one GPU with half the batch size. Other batches mean other expert batch shapes, so other
+    # GEMM kernels and fp32 roundings, which near-tied routing decisions of later layers amplify: the
+    # same kind of difference DDP's per-rank batches cause, with no distribution involved.
+    control = e2e.run_stage(argparse.Namespace(**{**vars(ns), "batch_size": max(1, ns.batch_size // 2)}), "ours", work)
+    (work / "ours_out").replace(work / "ours_out_control")
     one = e2e.run_stage(ns, "ours", work)
-    many = e2e.run_stage(argparse.Namespace(**{**vars(ns), "devices": args.devices}), "ours", work)
+    launcher = [] if args.launcher == "lightning" else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.devices}"]
+    many = e2e.run_stage(argparse.Namespace(**{**vars(ns), "devices": args.devices}), "ours", work,
+                         launcher=launcher)
     ckpt = compare_checkpoints(work / "ours_out", work / f"ours_out_{args.devices}gpu")
     summ = compare_summaries(work / "ours_out", work / f"ours_out_{args.devices}gpu")
+    ctrl_ckpt = compare_checkpoints(work / "ours_out", work / "ours_out_control")
+    ctrl_summ = compare_summaries(work / "ours_out", work / "ours_out_control")
     per_layer = lambda r: statistics.fmean(l["seconds"] for l in r["layers"][1:]) if len(r["layers"]) > 1 \
         else r["layers"][0]["seconds"]  # noqa: E731
     result = {
         "command": command, "model": e2e.NAMES[args.family], "devices": args.devices,
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__, "samples": ns.samples, "seq_len": ns.seq_len, "batch_size_per_rank": ns.batch_size,
-        "build": build, "one": one, "many": many, "checkpoint": ckpt, "summaries": summ,
+        "launcher": args.launcher, "build": build, "one": one, "many": many, "control": control,
+        "checkpoint": ckpt, "summaries": summ, "control_checkpoint": ctrl_ckpt, "control_summaries": ctrl_summ,
         "summary": {"seconds_one": one["seconds_end_to_end"], "seconds_many": many["seconds_end_to_end"],
                     "ratio": one["seconds_end_to_end"] / many["seconds_end_to_end"],
                     "walk_one": one["stage_seconds"].get("walk"), "walk_many": many["stage_seconds"].get("walk"),
@@ -148,9 +162,11 @@ def main(argv=None) -> dict:
 
 def render(r: dict) -> str:
     s, c, m, n = r["summary"], r["checkpoint"], r["summaries"], r["devices"]
+    cc, cm = r["control_checkpoint"], r["control_summaries"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     lines = [f"### {r['model']} shapes ({r['build']['layers']} layers), {r['samples']}x{r['seq_len']} calibration "
-             f"tokens, int4 g128: 1 vs {n} GPUs ({r['device']})", "", f"`{r['command']}`", "",
+             f"tokens, int4 g128: 1 vs {n} GPUs ({r['device']}, ranks started by {r['launcher']})", "",
+             f"`{r['command']}`", "",
              f"| | 1 GPU | {n} GPUs (DDP) |", "|---|---|---|",
              f"| end to end (s) | {s['seconds_one']:.1f} | {s['seconds_many']:.1f} |",
              f"| walk over the layers (s) | {fmt(s['walk_one'])} | {fmt(s['walk_many'])} |",
@@ -163,8 +179,15 @@ def render(r: dict) -> str:
              f"{'identical' if m['tokens_equal'] else 'DIFFER'}; relative output error per module: largest "
              f"relative difference {m['rel_error_max_relative_difference']:.2e}, mean "
              f"{m['rel_error_mean_relative_difference']:.2e}.", "",
-             "| layer | mean error, 1 GPU | mean error, DDP |", "|---|---|---|"]
-    lines += [f"| {x['layer']} | {x['one']:.6f} | {x['many']:.6f} |" for x in m["layers"]]
+             f"Control, one GPU with {r['control']['batch_size']} windows per forward instead of "
+             f"{r['batch_size_per_rank']}: {cc['identical']} of {cc['tensors']} tensors identical; "
+             f"{cc['elements_differing']} of {cc['elements_total']} stored elements differ; token counts "
+             f"{'identical' if cm['tokens_equal'] else 'differ'}; largest relative difference of a module's error "
+             f"{cm['rel_error_max_relative_difference']:.2e}, mean {cm['rel_error_mean_relative_difference']:.2e}.", "",
+             f"| layer | mean error, 1 GPU | mean error, DDP | mean error, 1 GPU, batch {r['control']['batch_size']} |",
+             "|---|---|---|---|"]
+    lines += [f"| {x['layer']} | {x['one']:.6f} | {x['many']:.6f} | {y['many']:.6f} |"
+              for x, y in zip(m["layers"], cm["layers"])]
     return "\n".join(lines)
 
 

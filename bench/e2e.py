@@ -444,11 +444,12 @@ def stage_llmc_and_errors(args, work: Path) -> dict:
 STAGES = {"build": stage_build, "ours": stage_ours, "llmc": stage_llmc_and_errors, "errors": stage_errors}
 
 
-def run_stage(args, stage: str, work: Path, extra: list[str] = ()) -> dict:
-    """Run one stage in a fresh process (its own peak memory); returns its JSON."""
+def run_stage(args, stage: str, work: Path, extra: list[str] = (), launcher: list[str] = ()) -> dict:
+    """Run one stage in a fresh process (its own peak memory); returns its JSON. `launcher`: a command
+    that starts the script itself (e.g. torchrun ... for all DDP ranks at once)."""
     out = work / stage_result_name(args, stage)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--workdir", str(work), *stage_argv(args),
-           *extra]
+    cmd = [*(launcher or [sys.executable]), str(Path(__file__).resolve()), "--stage", stage, "--workdir", str(work),
+           *stage_argv(args), *extra]
     print(f"[e2e] {stage}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     subprocess.run(cmd, check=True, env=env)
