@@ -24,14 +24,16 @@ from pipeline_utils import write_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(tmp: Path, ckpt: Path, corpus: Path, name: str, devices: int, strategy: str) -> Path:
+def _run(tmp: Path, ckpt: Path, corpus: Path, name: str, devices: int, strategy: str, torchrun: bool = False) -> Path:
     cfg = write_config(tmp / f"{name}.yaml", ckpt, corpus,
                        trainer={"accelerator": "cpu", "devices": devices, "strategy": strategy},
                        calibration={"num_samples": 8, "batch_size": 1},
                        eval={"max_windows": 4, "batch_size": 1},
                        output={"save": True, "dir": str(tmp / name)})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "train_quant.py"), "--config", str(cfg)],
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"] \
+        if torchrun else [sys.executable]
+    proc = subprocess.run([*launcher, str(REPO / "train_quant.py"), "--config", str(cfg)],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / name
@@ -70,3 +72,13 @@ def test_ddp_checkpoint_equals_single_process(runs):
         else:
             assert torch.equal(a[k], b[k]) or torch.allclose(a[k].float(), b[k].float(), rtol=1e-2), k
     assert total > 0 and differing / total < 1e-3, f"{differing} of {total} packed bytes differ"
+
+
+def test_ranks_started_by_torchrun_write_the_same_checkpoint(runs, tmp_path):
+    """All ranks started at once (torchrun, Lightning's TorchElastic environment) instead of rank 0
+    starting the others: the same checkpoint as the Lightning-launched DDP run, byte for byte."""
+    one, two = runs
+    cfg = json.loads((two / "alphaquant_recipe.json").read_text())["config"]
+    three = _run(tmp_path, Path(cfg["model"]["path"]), Path(cfg["calibration"]["dataset"]), "torchrun", 2, "ddp",
+                 torchrun=True)
+    assert (three / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
