@@ -111,6 +111,11 @@ class QuantizedCheckpointWriter(LayerCompressor):
         self.layers_written: set[int] = set()
         self.shards = ShardWriter(self.out, max_shard_size)
         self._non_layer_added = self._tensors_done = False
+        # listed here, on the caller's thread: add_non_layer may run on the pipeline's write thread while
+        # the walker installs and frees decoder layers, so it must not walk the model's parameters then
+        tied = model.config.tie_word_embeddings
+        self._non_layer_keys = [k for k, _ in model.named_parameters(remove_duplicate=False)
+                                if not k.startswith("model.layers.") and not (tied and k == "lm_head.weight")]
 
     # --- per layer -------------------------------------------------------------------------
     def write_layer(self, i: int, layer: nn.Module) -> None:
@@ -131,10 +136,8 @@ class QuantizedCheckpointWriter(LayerCompressor):
         shard instead of adding to the last one, which is written after the last layer."""
         if self._non_layer_added:
             return
-        tied = self.model.config.tie_word_embeddings
-        for key, p in self.model.named_parameters(remove_duplicate=False):
-            if key.startswith("model.layers.") or (tied and key == "lm_head.weight"):
-                continue
+        for key in self._non_layer_keys:
+            p = self.model.get_parameter(key)
             t = self.model.checkpoint.read(key) if p.is_meta else p.detach()
             self.shards.add(key, t.to(self.dtype))
         self._non_layer_added = True
