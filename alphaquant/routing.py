@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from models.common.moe import ExpertRoute
+
 
 def expert_token_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert: int):
     """Token indices routed to `expert` (increasing) and their routing weights.
@@ -26,27 +28,14 @@ def tokens_per_expert(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(topk_ids.reshape(-1), minlength=num_experts)
 
 
-class RoutePlan:
-    """All experts' token lists of one router output at once, from one stable sort.
-
-    The (token, slot) pairs sorted by expert: rows `start[e]:start[e] + counts[e]` of `tokens` and
-    `weights` are expert e's tokens (increasing) and routing weights, exactly the rows
+class RoutePlan(ExpertRoute):
+    """The model's one-sort routing (`ExpertRoute`: `token_idx`, `weights`, `counts`, `rows(e)`) plus what
+    the routed Hessians need: `experts` [N], the expert of each sorted row, and the weights in float32.
+    Rows `rows(e)` are expert e's tokens (increasing) and routing weights, exactly the rows
     `expert_token_weights(ids, w, e)` gives (and the order in which the expert receives them).
-    `counts` is a host list (one sync per plan instead of one per expert).
     """
 
     def __init__(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
-        k = topk_ids.shape[-1]
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        self.experts = flat[order]                                       # [N] expert of each row
-        self.tokens = order // k                                         # [N]
-        self.weights = topk_weights.reshape(-1)[order].float()          # [N]
-        self.counts = torch.bincount(flat, minlength=num_experts).tolist()
-        self.starts, s = [], 0
-        for n in self.counts:
-            self.starts.append(s)
-            s += n
-
-    def rows(self, e: int) -> slice:
-        return slice(self.starts[e], self.starts[e] + self.counts[e])
+        super().__init__(topk_ids, topk_weights, num_experts)
+        self.experts = topk_ids.reshape(-1)[self.order]                  # [N]
+        self.weights = self.weights.float()                              # [N]

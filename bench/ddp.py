@@ -35,34 +35,16 @@ sys.path.insert(0, str(ROOT))
 import e2e  # noqa: E402
 
 
-def _tensors(directory: Path):
-    """key -> (file, key) over a checkpoint's shards (single file or index)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
-    f = directory / "model.safetensors"
-    with safe_open(f, "pt") as h:
-        return {k: f for k in h.keys()}
-
-
 def compare_checkpoints(a: Path, b: Path) -> dict:
     """Tensor-by-tensor comparison of two checkpoints written by our pipeline."""
-    from safetensors import safe_open
-    ka, kb = _tensors(a), _tensors(b)
-    handles = {}
-
-    def read(path, key):
-        if path not in handles:
-            handles[path] = safe_open(path, "pt")
-        return handles[path].get_tensor(key)
-
+    from models import CheckpointReader
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
     identical, differing, elems_diff, elems_total = 0, [], 0, 0
-    for key in sorted(ka):
-        if key not in kb:
+    for key in sorted(ra.key_to_file):
+        if key not in rb.key_to_file:
             differing.append((key, "missing"))
             continue
-        ta, tb = read(ka[key], key), read(kb[key], key)
+        ta, tb = ra.read(key), rb.read(key)
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
             differing.append((key, f"shape/dtype {tuple(ta.shape)} {ta.dtype} vs {tuple(tb.shape)} {tb.dtype}"))
             continue
@@ -73,7 +55,8 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
         n = int((ta != tb).sum())
         elems_diff += n
         differing.append((key, f"{n} of {ta.numel()} elements differ"))
-    return {"tensors": len(ka), "identical": identical, "only_in_second": sorted(set(kb) - set(ka)),
+    return {"tensors": len(ra.key_to_file), "identical": identical,
+            "only_in_second": sorted(set(rb.key_to_file) - set(ra.key_to_file)),
             "differing": len(differing), "differing_examples": differing[:10],
             "elements_differing": elems_diff, "elements_total": elems_total}
 

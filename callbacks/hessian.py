@@ -182,10 +182,13 @@ class HessianCollector(Callback):
         plans = {}
         for b in self.blocks:
             ids = self._routing.get(b.name)
-            if ids is not None:
+            if ids is None:
+                continue
+            if any(k[0] == b.name for k in self.batched):
+                plans[b.name] = RoutePlan(ids[0], ids[1], b.num_experts)
+                self.routed_tokens[b.name] += plans[b.name].count_tensor
+            else:
                 self.routed_tokens[b.name] += torch.bincount(ids[0].reshape(-1), minlength=b.num_experts)
-                if any(k[0] == b.name for k in self.batched):
-                    plans[b.name] = RoutePlan(ids[0], ids[1], b.num_experts)
         seen: dict[str, int] = {}
         expert_rows: dict[tuple, dict[int, torch.Tensor]] = {}
         for name, x in inputs:
@@ -224,11 +227,11 @@ class HessianCollector(Callback):
         """Rows of the plan for the experts in `experts` (all, usually): (x rows or None, counts, weights, experts)."""
         counts = [plan.counts[e] if e in experts else 0 for e in range(E)]
         if len(experts) == E:
-            tok, w, ex = plan.tokens, plan.weights, plan.experts
+            tok, w, ex = plan.token_idx, plan.weights, plan.experts
         else:
             parts = [plan.rows(e) for e in sorted(experts) if plan.counts[e]]
             cat = lambda t: torch.cat([t[r] for r in parts]) if parts else t[:0]  # noqa: E731
-            tok, w, ex = cat(plan.tokens), cat(plan.weights), cat(plan.experts)
+            tok, w, ex = cat(plan.token_idx), cat(plan.weights), cat(plan.experts)
         return (x.index_select(0, tok) if x is not None else None), counts, w, ex
 
     def _add_routed(self, block, leaf, xs: dict, plan: RoutePlan):

@@ -4,7 +4,7 @@ import torch
 from alphaquant.gptq import HessianState, accumulate_hessian
 from alphaquant.gptq.hessian import accumulate_segments
 from alphaquant.routing import RoutePlan, expert_token_weights
-from models.common.moe import expert_token_weights as moe_rows, sorted_expert_token_weights
+from models.common.moe import ExpertRoute, expert_token_weights as moe_rows
 
 
 def _routing(T=200, E=6, k=2, seed=0):
@@ -17,7 +17,9 @@ def _routing(T=200, E=6, k=2, seed=0):
 
 def test_sorted_rows_equal_per_expert_rows():
     ids, w, _ = _routing()
-    for (t1, w1), (t2, w2) in zip(moe_rows(ids, w, 6), sorted_expert_token_weights(ids, w, 6)):
+    route = ExpertRoute(ids, w, 6)
+    for e, (t1, w1) in enumerate(moe_rows(ids, w, 6)):
+        t2, w2 = route.token_idx[route.rows(e)], route.weights[route.rows(e)]
         assert torch.equal(t1, t2) and torch.equal(w1, w2)
 
 
@@ -34,7 +36,7 @@ def test_segments_equal_per_expert_accumulation():
                 ref.n_tokens[e] += int((c > 0).sum()) if weighted else tok.numel()
                 ref.weight_sum[e] += float(c.double().sum()) if weighted else tok.numel()
         got = HessianState.zeros(16, experts=6)
-        accumulate_segments(got, x[plan.tokens], plan.counts, plan.weights if weighted else None, plan.experts)
+        accumulate_segments(got, x[plan.token_idx], plan.counts, plan.weights if weighted else None, plan.experts)
         assert torch.equal(got.H, ref.H)
         assert torch.equal(got.n_tokens, ref.n_tokens)
         torch.testing.assert_close(got.weight_sum, ref.weight_sum)

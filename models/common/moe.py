@@ -17,6 +17,8 @@ Hook contract (what the calibration callbacks rely on):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,10 +75,10 @@ def expert_token_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor,
 class ExpertRoute:
     """All experts' rows of one router output, from ONE stable sort of the (token, slot) pairs by expert.
 
-    Row j of the sorted order belongs to expert `experts_sorted[j]`; expert e's rows are
-    `start[e]:start[e] + counts[e]`, its tokens (increasing) `token_idx[rows]` and routing weights
-    `weights[rows]` -- exactly the rows `expert_token_weights` gives. Slices of one sorted index
-    instead of a `torch.where` per expert: one host sync per forward (the counts).
+    Expert e's rows of the sorted order are `rows(e)` = `start[e]:start[e] + counts[e]`, its tokens
+    (increasing) `token_idx[rows]` and routing weights `weights[rows]` -- exactly the rows
+    `expert_token_weights` gives. Slices of one sorted index instead of a `torch.where` per
+    expert: one host sync per forward (the counts; `count_tensor` is the same on the device).
 
     `combine` adds the experts' weighted outputs (in sorted-row order) back per token. It sums
     each token's k contributions in increasing expert order, one bf16/fp16 rounding per addition
@@ -86,22 +88,26 @@ class ExpertRoute:
     """
 
     def __init__(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
-        T, k = topk_ids.shape
+        self.shape = topk_ids.shape                                  # (T, k)
         flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)                     # [T*k] sorted row -> (token, slot) pair
-        self.token_idx = order // k                                  # [T*k]
-        self.weights = topk_weights.reshape(-1)[order]               # [T*k]
-        self.counts = torch.bincount(flat, minlength=num_experts).tolist()
+        self.order = torch.argsort(flat, stable=True)                # [T*k] sorted row -> (token, slot) pair
+        self.token_idx = self.order // self.shape[-1]                # [T*k]
+        self.weights = topk_weights.reshape(-1)[self.order]          # [T*k]
+        self.count_tensor = torch.bincount(flat, minlength=num_experts)
+        self.counts = self.count_tensor.tolist()
         self.start = [0]
         for n in self.counts[:-1]:
             self.start.append(self.start[-1] + n)
-        row_of_pair = torch.empty_like(order)
-        row_of_pair[order] = torch.arange(order.numel(), device=order.device)
-        # each token's sorted rows, ascending = its experts in increasing order (the sort is by expert)
-        self.rows_by_token = row_of_pair.view(T, k).sort(dim=-1).values     # [T, k]
 
     def rows(self, e: int) -> slice:
         return slice(self.start[e], self.start[e] + self.counts[e])
+
+    @functools.cached_property
+    def rows_by_token(self) -> torch.Tensor:
+        """[T, k]: each token's sorted rows, ascending = its experts in increasing order (the sort is by expert)."""
+        row_of_pair = torch.empty_like(self.order)
+        row_of_pair[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        return row_of_pair.view(self.shape).sort(dim=-1).values
 
     def combine(self, contrib: torch.Tensor) -> torch.Tensor:
         """contrib [T*k, H] (sorted rows) -> [T, H]: per token, the sum over its experts in expert order."""
@@ -109,13 +115,6 @@ class ExpertRoute:
         for r in range(1, self.rows_by_token.shape[1]):
             out.add_(contrib.index_select(0, self.rows_by_token[:, r]))
         return out
-
-
-def sorted_expert_token_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                                num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The rows of `expert_token_weights` for every expert, from one sort (see `ExpertRoute`)."""
-    route = ExpertRoute(topk_ids, topk_weights, num_experts)
-    return [(route.token_idx[route.rows(e)], route.weights[route.rows(e)]) for e in range(num_experts)]
 
 
 class SparseMoeBlock(nn.Module):
