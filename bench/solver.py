@@ -5,6 +5,8 @@ One decoder layer of OLMoE-1B-7B has 64 experts, each with gate_proj and up_proj
 one Hessian and are solved in ONE call with their rows stacked (W [64, 2048, 2048]);
 down is a second call (W [64, 2048, 1024]). Per format this reports, in one run:
   - batched time (both calls) vs a loop of per-expert 2D solves, and whether they agree;
+  - the default solve (on a GPU: the fused Triton sweep, one kernel per lazy block) against
+    the torch sweep replayed from CUDA graphs (`fused=False`), and whether they agree;
   - the batched solve without CUDA graphs (eager), and the Hessian-inverse phase alone;
   - relative output error ||(W - Q) Xᵀ|| / ||W Xᵀ|| of GPTQ vs round-to-nearest.
 Hessians come from random correlated activations X = (Z @ A_e) · s (T tokens per expert,
@@ -25,7 +27,7 @@ import torch
 
 from alphaquant.formats import get_format
 from alphaquant.gptq import gptq_quantize
-from alphaquant.gptq import sweep
+from alphaquant.gptq import fused_sweep, sweep
 from alphaquant.gptq.linalg import damped_inverse_factor
 
 FORMATS = {"int4": dict(name="int4", group_size=128), "mxfp4": dict(name="mxfp4", group_size=32),
@@ -81,7 +83,14 @@ def bench_format(key, mats, device, loop_experts, repeat):
     solve_all = lambda **kw: [gptq_quantize(W, H, fmt, **kw) for _, W, H in mats]   # noqa: E731
     t_first, _ = timed(solve_all, device)                    # warm-up: includes capturing the CUDA graphs
     t_batched, res = timed(solve_all, device, repeat)        # steady state: graphs cached per shape
-    t_eager, _ = timed(lambda: solve_all(cuda_graph=False), device) if device.type == "cuda" else (t_batched, None)
+    fused = fused_sweep.supports(fmt, device, 128)
+    if fused:                                                # the torch sweep (CUDA graphs) beside it
+        solve_all(fused=False)
+        t_graph, res_graph = timed(lambda: solve_all(fused=False), device, repeat)
+    else:
+        t_graph, res_graph = t_batched, res
+    t_eager, _ = (timed(lambda: solve_all(cuda_graph=False, fused=False), device)
+                  if device.type == "cuda" else (t_batched, None))
     t_prep, _ = timed(lambda: [damped_inverse_factor(H, 0.01, 1.0) for _, _, H in mats], device)
     n = loop_experts
     gptq_quantize(mats[0][1][0], mats[0][2][0], fmt)                       # warm-up 2D path
@@ -89,7 +98,13 @@ def bench_format(key, mats, device, loop_experts, repeat):
     t_loop_all = t_loop * mats[0][1].shape[0] / n
     diff = [(r.weight[:n] - torch.stack([s.weight for s in l])).abs() for r, l in zip(res, loop)]
     row = {
-        "format": LABEL[key], "batched_s": t_batched, "batched_first_call_s": t_first, "batched_eager_s": t_eager, "hinv_prep_s": t_prep,
+        "format": LABEL[key], "fused": fused, "batched_s": t_batched, "batched_first_call_s": t_first,
+        "graph_s": t_graph, "fused_speedup_vs_graph": t_graph / t_batched,
+        "codes_diff_vs_graph": sum(float((r.qtensor.codes != q.qtensor.codes).float().sum()) for r, q in zip(res, res_graph))
+        / sum(r.qtensor.codes.numel() for r in res),
+        "loss_max_rel_diff_vs_graph": max(float(((r.loss - q.loss).abs() / q.loss.clamp_min(1e-30)).max())
+                                          for r, q in zip(res, res_graph)),
+        "batched_eager_s": t_eager, "hinv_prep_s": t_prep,
         "loop_2d_s": t_loop_all, "loop_experts_timed": n, "speedup": t_loop_all / t_batched,
         "max_abs_diff_vs_loop": max(float(d.max()) for d in diff),
         "frac_diff_vs_loop": sum(float((d > 0).float().sum()) for d in diff) / sum(d.numel() for d in diff),
@@ -131,12 +146,13 @@ def sub_block_scan(key, mats, device, sizes=(8, 16, 32, 128)):
 def print_table(rows, meta):
     print(f"\n{meta['device_name']} | E={meta['experts']} | gate_up W{meta['shapes']['gate_up']} "
           f"down W{meta['shapes']['down']} | T={meta['tokens']}")
-    hdr = ("format", "batched s", "1st call s", "eager s", "Hinv s", "loop2D s", "speedup", "diff frac", "loss diff",
-           "err gptq gu/dn", "err rtn gu/dn")
+    hdr = ("format", "fused", "batched s", "graphs s", "fused x", "codes diff", "1st call s", "eager s", "Hinv s",
+           "loop2D s", "speedup", "diff frac", "loss diff", "err gptq gu/dn", "err rtn gu/dn")
     print(" | ".join(hdr))
     for r in rows:
         g, n = r["rel_err_gptq"], r["rel_err_rtn"]
-        print(f"{r['format']} | {r['batched_s']:.3f} | {r['batched_first_call_s']:.3f} | {r['batched_eager_s']:.3f} | {r['hinv_prep_s']:.3f} | "
+        print(f"{r['format']} | {r['fused']} | {r['batched_s']:.3f} | {r['graph_s']:.3f} | {r['fused_speedup_vs_graph']:.1f}x | "
+              f"{r['codes_diff_vs_graph']:.1e} | {r['batched_first_call_s']:.3f} | {r['batched_eager_s']:.3f} | {r['hinv_prep_s']:.3f} | "
               f"{r['loop_2d_s']:.2f} | {r['speedup']:.1f}x | {r['frac_diff_vs_loop']:.1e} | "
               f"{r['loss_max_rel_diff_vs_loop']:.1e} | "
               f"{g['gate_up']:.4f}/{g['down']:.4f} | {n['gate_up']:.4f}/{n['down']:.4f}")

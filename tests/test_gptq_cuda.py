@@ -1,5 +1,6 @@
-"""GPU-only checks of the solver: the CUDA-graph sweep equals the eager sweep bit for bit,
-and CUDA results agree with the CPU ones. Skipped without a GPU (CI has none)."""
+"""GPU-only checks of the solver: the CUDA-graph sweep equals the eager sweep bit for bit (both
+the torch sweep, fused=False; the fused Triton sweep is tests/test_gptq_fused.py), and CUDA
+results agree with the CPU ones. Skipped without a GPU (CI has none)."""
 import pytest
 import torch
 from torch.testing import assert_close
@@ -24,8 +25,8 @@ def _problem(E=3, R=64, C=512, seed=0):
 def test_cuda_graph_equals_eager(name, act_order):
     fmt = get_format(name)
     W, H = (t.cuda() for t in _problem())
-    eager = gptq_quantize(W, H, fmt, act_order=act_order, cuda_graph=False, block_size=64)
-    graph = gptq_quantize(W, H, fmt, act_order=act_order, cuda_graph=True, block_size=64)
+    eager = gptq_quantize(W, H, fmt, act_order=act_order, cuda_graph=False, block_size=64, fused=False)
+    graph = gptq_quantize(W, H, fmt, act_order=act_order, cuda_graph=True, block_size=64, fused=False)
     assert torch.equal(eager.weight, graph.weight)
     assert torch.equal(eager.qtensor.codes, graph.qtensor.codes)
     assert torch.equal(eager.loss, graph.loss) and graph.fallback == eager.fallback
@@ -38,8 +39,8 @@ def test_cached_graph_reused_with_new_data_equals_eager():
     for seed in (2, 3):
         W, H = (t.cuda() for t in _problem(seed=seed))
         W = W * seed                                                 # other scales, other global scale
-        eager = gptq_quantize(W, H, fmt, cuda_graph=False, block_size=64)
-        graph = gptq_quantize(W, H, fmt, cuda_graph=True, block_size=64)
+        eager = gptq_quantize(W, H, fmt, cuda_graph=False, block_size=64, fused=False)
+        graph = gptq_quantize(W, H, fmt, cuda_graph=True, block_size=64, fused=False)
         assert torch.equal(eager.weight, graph.weight)
 
 

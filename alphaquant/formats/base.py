@@ -81,6 +81,26 @@ def exact_rdiv(c: float, a: torch.Tensor) -> torch.Tensor:
     return torch.full((), c, dtype=a.dtype, device=a.device) / a
 
 
+@dataclass(frozen=True)
+class RoundingSpec:
+    """How `round_with` rounds one element given its group's scale (and zero), as plain numbers,
+    so that a fused GPU kernel (gptq/fused_sweep.py) can do the same operations in the same order.
+
+    kind "int":      c = clamp(round(w / s) [+ z], qmin, qmax) [- z];  q = c * s
+    kind "grid":     q = s * (w / s rounded to the element grid with `mbits` mantissa bits, smallest
+                     binade exponent `emin`, saturating at ±max; floatgrid.round_to_elem)
+    kind "int64ths": q = s * clamp(round(64 w / s), -127, 127) / 64   (MXINT8)
+    Rounding is half to even everywhere; w / s is a true float32 division.
+    """
+
+    kind: str
+    qmin: int = 0
+    qmax: int = 0
+    mbits: int = 0
+    emin: int = 0
+    max: float = 0.0
+
+
 @dataclass
 class QTensor:
     """A quantized tensor: codes (one per element, same shape as the weight) + params.
@@ -169,6 +189,11 @@ class Format:
         one group per row (p.scale.shape[-1] == 1), which is how GPTQ rounds one column.
         """
         return self.dequantize(QTensor(self.encode(w, p), p, tuple(w.shape), self.name)).to(w.dtype)
+
+    def elementwise_rounding(self) -> RoundingSpec | None:
+        """round_with as a RoundingSpec (one element from its own scale/zero), or None when
+        it cannot be described that way (the solver then keeps its torch sweep)."""
+        return None
 
     def encode(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
         """Integer codes of w given params (same shape as w)."""

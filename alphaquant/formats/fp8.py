@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, QParams, QTensor, exact_div, groups_like
+from .base import Format, QParams, QTensor, RoundingSpec, exact_div, groups_like
+from .floatgrid import E4M3
 from .integer import round_scale
 
 FP8_MAX = 448.0
@@ -40,6 +41,10 @@ class FP8Format(Format):
         wg = groups_like(w, p.scale, self.name)                     # [..., G, g]
         x = (wg / p.scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
         return x.to(torch.float8_e4m3fn)
+
+    def elementwise_rounding(self) -> RoundingSpec:
+        # the saturating cast to float8_e4m3fn is round-to-nearest-even onto the E4M3 grid
+        return RoundingSpec("grid", mbits=E4M3.mbits, emin=E4M3.emin, max=FP8_MAX)
 
     def round_with(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
         return (self._cast(w, p).float() * p.scale.unsqueeze(-1)).flatten(-2).to(w.dtype)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, QParams, QTensor, exact_div, groups_like
+from .base import Format, QParams, QTensor, RoundingSpec, exact_div, groups_like
 from .packing import pack_bits, unpack_bits
 
 
@@ -88,6 +88,9 @@ class IntFormat(Format):
         if p.zero is not None:
             q = q - p.zero.unsqueeze(-1)
         return (q * p.scale.unsqueeze(-1)).flatten(-2).to(w.dtype)
+
+    def elementwise_rounding(self) -> RoundingSpec:
+        return RoundingSpec("int", qmin=self.qmin, qmax=self.qmax)
 
     def encode(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
         wg = groups_like(w, p.scale, self.name)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, QParams, QTensor, groups_like
+from .base import Format, QParams, QTensor, RoundingSpec, groups_like
 from .floatgrid import ELEM_FORMATS, bits_to_elem, elem_to_bits, floor_log2, pow2, round_to_elem
 from .packing import pack_bits, unpack_bits
 
@@ -78,6 +78,11 @@ class MXFormat(Format):
         wg = groups_like(w, p.scale, self.name)                     # [..., G, g]
         s = p.scale.unsqueeze(-1)
         return (self._round(wg / s) * s).flatten(-2).to(w.dtype)
+
+    def elementwise_rounding(self) -> RoundingSpec:
+        if self.elem is None:
+            return RoundingSpec("int64ths")
+        return RoundingSpec("grid", mbits=self.elem.mbits, emin=self.elem.emin, max=self.elem.max)
 
     def encode(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
         wg = groups_like(w, p.scale, self.name)

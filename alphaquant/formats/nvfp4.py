@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, QParams, QTensor, exact_div, exact_rdiv, groups_like
+from .base import Format, QParams, QTensor, RoundingSpec, exact_div, exact_rdiv, groups_like
 from .floatgrid import E2M1, E4M3, bits_to_elem, elem_to_bits, round_to_elem
 from .packing import pack_bits, unpack_bits
 
@@ -67,6 +67,9 @@ class NVFP4Format(Format):
         wg = groups_like(w, p.scale, self.name)                     # [..., G, g]
         s = p.scale.unsqueeze(-1)
         return (round_to_elem(wg / s, E2M1) * s).flatten(-2).to(w.dtype)
+
+    def elementwise_rounding(self) -> RoundingSpec:
+        return RoundingSpec("grid", mbits=E2M1.mbits, emin=E2M1.emin, max=E2M1.max)
 
     def encode(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
         wg = groups_like(w, p.scale, self.name)

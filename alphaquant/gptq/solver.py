@@ -21,6 +21,7 @@ import torch
 
 from alphaquant.formats.base import Format, QTensor
 
+from . import fused_sweep
 from .linalg import CHOLESKY_FAILED, NO_TOKENS, damped_inverse_factor, fix_dead_columns
 from .sweep import DynamicColumnParams, StaticColumnParams, cat_group_params, gptq_sweep, map_tensors
 
@@ -116,7 +117,8 @@ def _identity_result(W: torch.Tensor, fmt: Format, E: int) -> GPTQResult:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
-                  max_damp: float = 1.0, cuda_graph: bool | None = None) -> GPTQResult:
+                  max_damp: float = 1.0, cuda_graph: bool | None = None,
+                  fused: bool | None = None) -> GPTQResult:
     """Quantize W [R, C] / [E, R, C] to `fmt` with GPTQ, given H [C, C] / [E, C, C].
 
     H is the (normalised) Hessian 2/N Σ c x xᵀ of the layer inputs, see `HessianState`;
@@ -126,6 +128,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: 
     the original W (True) or from the error-updated W at each group's first column.
     cuda_graph: replay the column loop of each block as a CUDA graph (None: on for CUDA
     tensors with static groups; same results, far fewer launches).
+    fused: run each lazy block as one Triton kernel (gptq/fused_sweep.py; None: on where
+    it applies: CUDA, Triton importable, static groups, a format with an elementwise
+    rounding, block_size <= 256); equal to the torch sweep up to float32 rounding.
     Computes in float32 (float64 if W or H is float64). Raises ValueError on NaN/Inf.
     """
     W3, H3 = _check_inputs(W, H, block_size, damp)
@@ -145,11 +150,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: 
     else:
         colparams = DynamicColumnParams(fmt, g)
         blocksize = _aligned_blocksize(block_size, g)
+    can_fuse = static_groups and dtype == torch.float32 and fused_sweep.supports(fmt, W.device, blocksize)
+    if fused and not can_fuse:
+        raise ValueError("fused=True needs CUDA tensors, Triton, static_groups=True, block_size <= "
+                         f"{fused_sweep.MAX_BLOCK} and a format with an elementwise rounding ({fmt.name})")
     if cuda_graph is None:
         cuda_graph = W.is_cuda and static_groups
     if cuda_graph and not (W.is_cuda and static_groups):
         raise ValueError("cuda_graph=True needs CUDA tensors and static_groups=True")
-    Qt, loss = gptq_sweep(Wt, Hinv, fmt, colparams, blocksize, cuda_graph)
+    if can_fuse if fused is None else fused:
+        Qt, loss = fused_sweep.fused_gptq_sweep(Wt, Hinv, fmt.elementwise_rounding(), p_static, order // g, blocksize)
+    else:
+        Qt, loss = gptq_sweep(Wt, Hinv, fmt, colparams, blocksize, cuda_graph)
     inv = torch.argsort(order, dim=-1)                                   # [E, C] position of each column
     Q = Qt.gather(1, inv[:, :, None].expand(E, C, R)).transpose(1, 2).contiguous()  # [E, R, C] original order
     if static_groups:
