@@ -136,6 +136,7 @@ class GptqConfig:
     act_order: bool = False        # columns in descending diag(H) order
     static_groups: bool = True     # with act_order: group scales fixed from the original W
     true_sequential: bool = True   # q/k/v, then o, then gate/up, then down, each on quantized inputs
+    sweep: Literal["auto", "torch"] = "auto"   # column sweep: auto = fused Triton kernel where it applies
 
     def check(self, path: str) -> None:
         if self.block_size <= 0:

@@ -87,13 +87,14 @@ def main(argv=None) -> dict:
     p.add_argument("--launcher", default="torchrun", choices=["torchrun", "lightning"],
                    help="start all ranks at once with torchrun, or let Lightning start ranks 1.. from rank 0 "
                         "(they then load the model after rank 0 has)")
+    p.add_argument("--sweep", default="auto", choices=["auto", "torch"], help="gptq.sweep of every run")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
     args = p.parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     ns = argparse.Namespace(family=args.family, layers=args.layers, samples=args.samples, seq_len=args.seq_len,
                             batch_size=args.batch_size, hessian="routed", act_order=1, device=args.device, seed=0,
-                            quick=args.quick, profile=False, cprofile=False, devices=1)
+                            quick=args.quick, profile=False, cprofile=False, devices=1, sweep=args.sweep)
     if args.quick and args.samples == 128:
         ns.samples, ns.seq_len, ns.batch_size = 8, 128, 2
     import tempfile

@@ -184,7 +184,7 @@ def our_config(args, work: Path) -> dict:
                       [{"pattern": "model.layers.0.mlp.down_proj", "wq": "int4/64"}]
                       if args.family == "deepseek" and not args.quick else [])},
         "gptq": {"block_size": 128, "damp": 0.01, "act_order": bool(args.act_order), "static_groups": True,
-                 "true_sequential": True},
+                 "true_sequential": True, "sweep": args.sweep},
         "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": args.devices,
                     "strategy": "ddp" if args.devices > 1 else "auto"},
         "logging": {"wandb": {"mode": "disabled"}, "csv": {"enabled": False}},
@@ -459,7 +459,7 @@ def run_stage(args, stage: str, work: Path, extra: list[str] = (), launcher: lis
 def stage_argv(args) -> list[str]:
     argv = ["--family", args.family, "--device", args.device, "--devices", str(args.devices), "--samples", str(args.samples),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--hessian", args.hessian,
-            "--act-order", str(args.act_order), "--seed", str(args.seed)]
+            "--act-order", str(args.act_order), "--seed", str(args.seed), "--sweep", args.sweep]
     if args.quick:
         argv.append("--quick")
     if args.layers:
@@ -484,6 +484,8 @@ def main(argv=None) -> dict:
     p.add_argument("--act-order", type=int, default=1,
                    help="our gptq.act_order (1: static-group act order, what llm-compressor's W4A16 does by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sweep", default="auto", choices=["auto", "torch"],
+                   help="our gptq.sweep (auto: the fused Triton sweep on a GPU; torch: torch ops, as before)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--devices", type=int, default=1, help="our run on N GPUs (Lightning DDP); see bench/ddp.py")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 8 windows of 128 tokens")

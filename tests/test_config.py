@@ -37,9 +37,20 @@ def test_defaults_and_derived_names(tmp_path):
     assert cfg.output.dir == str(Path("outputs") / "OLMoE-1B-7B-0924")
     assert (cfg.calibration.num_samples, cfg.calibration.seq_len, cfg.calibration.seed) == (128, 2048, 0)
     assert cfg.calibration.hessian == "routed"
-    assert (cfg.gptq.block_size, cfg.gptq.damp, cfg.gptq.act_order) == (128, 0.01, False)
+    assert (cfg.gptq.block_size, cfg.gptq.damp, cfg.gptq.act_order, cfg.gptq.sweep) == (128, 0.01, False, "auto")
     assert (cfg.quant.default.wq, cfg.quant.default.group_size, cfg.quant.default.aq) == ("int4", 128, "bf16")
     assert cfg.eval.max_windows is None and cfg.trainer.devices == "auto"
+
+
+def test_gptq_section_reaches_the_solver(tmp_path):
+    import inspect
+
+    from alphaquant.gptq import gptq_quantize
+    from alphaquant.pipeline.calibrate import solver_options
+    auto = solver_options(load_config(write(tmp_path, MINIMAL)).gptq)
+    torch_sweep = solver_options(load_config(write(tmp_path, MINIMAL + "gptq: {sweep: torch, act_order: true}\n")).gptq)
+    assert auto["fused"] is None and torch_sweep["fused"] is False and torch_sweep["act_order"] is True
+    assert set(auto) <= set(inspect.signature(gptq_quantize).parameters)     # every option is one gptq_quantize takes
 
 
 def test_command_line_wins_over_file(tmp_path):
@@ -104,6 +115,7 @@ BAD = [  # (yaml, argv, words the message must contain)
      ["quant.overrides[1]", "quant.overrides[0]"]),
     (MINIMAL + "quant: {overrides: {pattern: a}}\n", [], ["quant.overrides", "a list"]),
     (MINIMAL + "gptq: {damp: 2}\n", [], ["gptq.damp"]),
+    (MINIMAL + "gptq: {sweep: triton}\n", [], ["gptq.sweep", "'auto'", "'torch'"]),
     (MINIMAL + "calibration: {split: '0.9:0.1'}\n", [], ["calibration.split", "0.9:0.1"]),
     (MINIMAL + "calibration: {num_samples: 0}\n", [], ["calibration.num_samples", "> 0"]),
     ("calibration: {num_samples: 4}\n", [], ["model.path", "required"]),

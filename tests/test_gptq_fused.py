@@ -70,7 +70,7 @@ def _problem(E=3, R=40, C=96, seed=0):
     return torch.randn(E, R, C, generator=g) * 0.02, H
 
 
-def check_sweep(device, E=3, R=40, C=96, block=64, max_flipped=0.0):
+def check_sweep(device, E=3, R=40, C=96, block=64, max_flipped=0.0, loss_rtol=1e-5):
     """fused == torch sweep: R=40 leaves a partly filled program, C=96 a partial last block."""
     W, H = (t.to(device) for t in _problem(E, R, C))
     for name, opts in SWEEP_FORMATS:
@@ -81,7 +81,7 @@ def check_sweep(device, E=3, R=40, C=96, block=64, max_flipped=0.0):
             what = f"{name} {opts} act_order={act_order}"
             flipped = (got.qtensor.codes != ref.qtensor.codes).float().mean().item()
             assert flipped <= max_flipped, f"{what}: {flipped:.2e} of the codes differ"
-            assert torch.allclose(got.loss, ref.loss, rtol=1e-4, atol=0), f"{what}: {got.loss} vs {ref.loss}"
+            assert torch.allclose(got.loss, ref.loss, rtol=loss_rtol, atol=0), f"{what}: {got.loss} vs {ref.loss}"
             assert got.fallback == ref.fallback and got.fallback[1] == "no tokens"
             if act_order:
                 assert torch.equal(got.perm, ref.perm)
@@ -154,9 +154,10 @@ def test_rounding_on_gpu():
 @needs_gpu
 def test_sweep_on_gpu_equals_torch_sweep():
     # fused multiply-adds on the GPU round the in-block updates once instead of twice: a code at a
-    # near-tie may flip, nothing more
-    check_sweep("cuda", E=8, R=200, C=384, block=128, max_flipped=1e-3)
-    check_sweep("cuda", max_flipped=1e-3)
+    # near-tie may flip (and move that expert's loss by ~1e-4), nothing more; the same bounds as
+    # test_gptq_cuda's CPU-vs-GPU comparison
+    check_sweep("cuda", E=8, R=200, C=384, block=128, max_flipped=1e-3, loss_rtol=1e-3)
+    check_sweep("cuda", max_flipped=1e-3, loss_rtol=1e-3)
 
 
 @pytest.mark.gpu

@@ -100,7 +100,9 @@ if triton is not None:
             q = (c * 0.015625) * s                                  # / 64, exact
         return q
 
-    @triton.jit
+    # sizes and offsets are not specialised on (Triton would compile a variant per divisibility
+    # of each, e.g. for a partial last block): one compile per format kind and block size
+    @triton.jit(do_not_specialize=["C", "R", "G", "i1", "nb"])
     def _block_kernel(Wt, Hinv, S, Z, CG, Qt, Err,
                       C, R, G, i1, nb,
                       KIND: tl.constexpr, HAS_ZERO: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,

@@ -14,6 +14,12 @@ from alphaquant.pipeline.trainer import build_loggers, build_trainer, quiet_ligh
 from alphaquant.pipeline.walker import LayerWalker, WalkOptions, peak_memory
 
 
+def solver_options(g) -> dict:
+    """gptq_quantize's keyword arguments from the `gptq` config section."""
+    return dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order, static_groups=g.static_groups,
+                fused=None if g.sweep == "auto" else False)      # None: the fused sweep wherever it applies
+
+
 def build_and_walk(session, writer_factory) -> dict:
     from callbacks.hessian import HessianCollector
     from callbacks.perplexity import PerplexityCallback
@@ -24,9 +30,7 @@ def build_and_walk(session, writer_factory) -> dict:
     quiet_lightning()
     collector = HessianCollector(adapter, mode=cfg.calibration.hessian)
     g = cfg.gptq
-    solver = GPTQSolve(collector, session.specs, adapter.layer_prefix,
-                       dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order,
-                            static_groups=g.static_groups))
+    solver = GPTQSolve(collector, session.specs, adapter.layer_prefix, solver_options(g))
     ppl = PerplexityCallback()
     loggers = build_loggers(cfg, session.name)
     trainer = build_trainer(cfg, [collector, solver, ppl], loggers)
