@@ -188,8 +188,8 @@ def our_config(args, work: Path) -> dict:
         "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": args.devices,
                     "strategy": "ddp" if args.devices > 1 else "auto"},
         "logging": {"wandb": {"mode": "disabled"}, "csv": {"enabled": False}},
-        "output": {"dir": str(work / our_out_name(args)), "overwrite": True, "save": True,
-                   "format": "compressed-tensors"},
+        "output": {"dir": str(work / our_out_name(args)), "overwrite": True, "save": not args.no_save,
+                   "resume": not args.no_save, "format": "compressed-tensors"},
     }
 
 
@@ -217,6 +217,8 @@ def stage_ours(args, work: Path) -> dict:
     import alphaquant.pipeline.calibrate  # noqa: F401  (lightning, torchmetrics, torch._dynamo)
     import callbacks.hessian, callbacks.perplexity, callbacks.solve  # noqa: F401,E401
 
+    if args.switch_interval > 0:
+        sys.setswitchinterval(args.switch_interval)
     path = work / stage_result_name(args, "ours").replace(".json", ".yaml")
     path.write_text(yaml.safe_dump(our_config(args, work), sort_keys=False))
     if args.device == "cuda":
@@ -459,7 +461,10 @@ def run_stage(args, stage: str, work: Path, extra: list[str] = (), launcher: lis
 def stage_argv(args) -> list[str]:
     argv = ["--family", args.family, "--device", args.device, "--devices", str(args.devices), "--samples", str(args.samples),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--hessian", args.hessian,
-            "--act-order", str(args.act_order), "--seed", str(args.seed), "--sweep", args.sweep]
+            "--act-order", str(args.act_order), "--seed", str(args.seed), "--sweep", args.sweep,
+            "--switch-interval", str(args.switch_interval)]
+    if args.no_save:
+        argv.append("--no-save")
     if args.quick:
         argv.append("--quick")
     if args.layers:
@@ -487,6 +492,9 @@ def main(argv=None) -> dict:
     p.add_argument("--sweep", default="auto", choices=["auto", "torch"],
                    help="our gptq.sweep (auto: the fused Triton sweep on a GPU; torch: torch ops, as before)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-save", action="store_true", help="our run writes no checkpoint and no resume state (diagnostics)")
+    p.add_argument("--switch-interval", type=float, default=0.0,
+                   help="sys.setswitchinterval in our run (0: Python's default); diagnostics of thread contention")
     p.add_argument("--devices", type=int, default=1, help="our run on N GPUs (Lightning DDP); see bench/ddp.py")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 8 windows of 128 tokens")
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (also skipped when not importable)")

@@ -154,6 +154,7 @@ def _scale_store(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     compressed-tensors dequantizes in the scale's dtype; a scale in the model dtype (or
     float32) makes its (q - z) * s round exactly like ours, so decompression is bit-exact.
+    For a stack of linears (compress_stack) the choice is made for the stack as a whole.
     """
     s = scale.float()
     if dtype != torch.float32 and torch.equal(s.to(dtype).float(), s):
@@ -163,24 +164,52 @@ def _scale_store(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def compress(w: torch.Tensor, params: QParams, fmt, layout: Layout, g_idx=None) -> dict[str, torch.Tensor]:
     """Checkpoint tensors (local names) of one linear; w: dequantized weight [R, C]."""
-    R, C = w.shape
+    out = _compress(w, params, fmt, layout, g_idx)
+    # own storage for every tensor: params of modules solved together are views of one tensor
+    # (gate/up share a g_idx, stacked experts' NVFP4 global scales), which safetensors refuses
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
+
+
+def can_stack(fmt, layout: Layout, shape: tuple) -> bool:
+    """Whether `compress_stack` applies: no act-order g_idx, and packed bytes that end on a
+    linear's last code (so one stream for the stack splits into each linear's bytes)."""
+    R, C = shape
+    return not layout.act_order and (R * C * fmt.bits) % 8 == 0 and (fmt.bits != 6 or (R * C) % 4 == 0)
+
+
+def compress_stack(w: torch.Tensor, params: QParams, fmt, layout: Layout) -> dict[str, torch.Tensor]:
+    """`compress` for N linears of one spec and shape at once: w [N, R, C], params stacked [N, ...].
+
+    Returns {local name: [N, ...]}: entry n is exactly what compress() gives linear n (row n of
+    every tensor), except that a stack stores its scales in the model dtype only when that is
+    lossless for all N. A decoder layer's 64-128 experts thus cost one set of kernels and host
+    syncs instead of one per expert. Rows are views of the stacked tensors (see writer.to_host)."""
+    if not can_stack(fmt, layout, tuple(w.shape[1:])):
+        raise ValueError(f"{layout.format}: these linears cannot be compressed as one stack")
+    return _compress(w, params, fmt, layout, None)
+
+
+def _compress(w: torch.Tensor, params: QParams, fmt, layout: Layout, g_idx) -> dict[str, torch.Tensor]:
+    """compress for w [..., R, C] (leading dims: a stack of linears); tensors may be views."""
+    *lead, R, C = w.shape
     codes = encode_codes(w, params, fmt, g_idx)
-    shape = torch.tensor([R, C], dtype=torch.int64)
+    shape = torch.tensor([R, C], dtype=torch.int64).repeat(*lead, 1)
     out: dict[str, torch.Tensor] = {}
     f = layout.format
     if _int32_words(fmt, layout):
         off = 2 ** (fmt.bits - 1)                                     # signed -> unsigned, as CT
-        out["weight_packed"] = pack_int32(codes.to(torch.int32) + off, fmt.bits)
+        out["weight_packed"] = pack_int32((codes.to(torch.int32) + off).reshape(-1, C), fmt.bits).reshape(*lead, R, -1)
         out["weight_scale"] = _scale_store(params.scale, w.dtype)
         if params.zero is not None:                                   # packed along the out dim
-            z = params.zero.to(torch.int32) + off                     # [R, G]
-            out["weight_zero_point"] = pack_int32(z.t(), fmt.bits).t().contiguous()
+            z = (params.zero.to(torch.int32) + off).transpose(-1, -2)  # [..., G, R]
+            G = z.shape[-2]
+            out["weight_zero_point"] = pack_int32(z.reshape(-1, R), fmt.bits).reshape(*lead, G, -1).transpose(-1, -2).contiguous()
         out["weight_shape"] = shape
     elif f in ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized"):
-        out["weight_packed"] = fmt.pack(codes).reshape(R, -1)         # fp4: 2/byte, fp6: 4 per 3 bytes
+        out["weight_packed"] = fmt.pack(codes).reshape(*lead, R, -1)  # fp4: 2/byte, fp6: 4 per 3 bytes
         if f == "nvfp4-pack-quantized":
             out["weight_scale"] = params.extra["block_scale_fp8"]
-            out["weight_global_scale"] = params.extra["weight_global_scale"].float().reshape(1)
+            out["weight_global_scale"] = params.extra["weight_global_scale"].float().reshape(*lead, 1)
         else:
             out["weight_scale"] = params.extra["scale_e8m0"]
         # no weight_shape: compressed-tensors' FP4/FP6 compressors neither write nor expect one
@@ -189,14 +218,12 @@ def compress(w: torch.Tensor, params: QParams, fmt, layout: Layout, g_idx=None) 
         out["weight"] = codes.to(torch.uint8).view(torch.float8_e4m3fn)
         out["weight_scale"] = params.extra["scale_e8m0"] if f == "mxfp8-quantized" else params.scale.float()
     else:                                                             # AQ_PACKED
-        out.update(_aq_params(params, fmt))
-        out["weight_packed"] = fmt.pack(codes)
+        out.update(_aq_params(params, fmt, lead))
+        out["weight_packed"] = fmt.pack(codes).reshape(*lead, -1)
         out["weight_shape"] = shape
     if layout.act_order:
         out["weight_g_idx"] = g_idx.reshape(-1).to(torch.int32)
-    # own storage for every tensor: params of modules solved together are views of one tensor
-    # (gate/up share a g_idx, stacked experts' NVFP4 global scales), which safetensors refuses
-    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
+    return out
 
 
 def _int32_words(fmt, layout: Layout) -> bool:
@@ -204,13 +231,13 @@ def _int32_words(fmt, layout: Layout) -> bool:
     return layout.format == "pack-quantized" or (layout.format == AQ_PACKED and fmt.name.startswith("int"))
 
 
-def _aq_params(params: QParams, fmt) -> dict[str, torch.Tensor]:
+def _aq_params(params: QParams, fmt, lead=()) -> dict[str, torch.Tensor]:
     """Stored params of the AlphaQuant layout: each format's own exact stored form."""
     if "scale_e8m0" in params.extra:
         return {"weight_scale": params.extra["scale_e8m0"]}
     if "block_scale_fp8" in params.extra:
         return {"weight_scale": params.extra["block_scale_fp8"],
-                "weight_global_scale": params.extra["weight_global_scale"].float().reshape(1)}
+                "weight_global_scale": params.extra["weight_global_scale"].float().reshape(*lead, 1)}
     out = {"weight_scale": params.scale.to(getattr(fmt, "scale_dtype", torch.float32))}
     if params.zero is not None:
         out["weight_zero_point"] = params.zero.to(torch.int8)

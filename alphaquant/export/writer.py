@@ -23,7 +23,7 @@ from torch import nn
 
 from models import ShardWriter
 
-from .compressed import Layout, compress, is_trivial_g_idx, layout_of
+from .compressed import Layout, can_stack, compress, compress_stack, is_trivial_g_idx, layout_of
 from .qconfig import quantization_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -49,21 +49,70 @@ class LayerCompressor:
 
     @torch.no_grad()
     def layer_tensors(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
-        """{checkpoint key: tensor on the layer's device} for every tensor of decoder layer i."""
+        """{checkpoint key: tensor on the layer's device} for every tensor of decoder layer i.
+
+        Linears of one spec and shape (a layer's experts) are compressed as stacks, so tensors of
+        different linears may be views of one stacked tensor: copy them out with `to_host`."""
         prefix = f"model.layers.{i}."
         out: dict[str, torch.Tensor] = {}
         done: set[str] = set()
+        stacks: dict[tuple, list] = {}
         for mod_name, mod in layer.named_modules():
             full = prefix + mod_name
             if isinstance(mod, nn.Linear) and self._is_quantized(full):
-                for key, t in self._linear_tensors(full, mod).items():
-                    out[f"{full}.{key}"] = t
+                act, layout = self._layout(full)
+                fmt = self._format(self.specs[full])
+                if act or not can_stack(fmt, layout, tuple(mod.weight.shape)):
+                    for key, t in self._linear_tensors(full, mod).items():
+                        out[f"{full}.{key}"] = t
+                else:
+                    key = (self.specs[full], tuple(mod.weight.shape), mod.weight.dtype, layout.key())
+                    stacks.setdefault(key, []).append((full, mod))
                 done.update(f"{mod_name}.{p}" for p, _ in mod.named_parameters(recurse=False))
+        for members in stacks.values():
+            out.update(self._stacked_tensors(members))
         for name, p in layer.named_parameters():
             if name not in done:
                 if p.is_meta:
                     raise ValueError(f"{prefix}{name} is on the meta device: write_layer needs layer {i} loaded")
                 out[prefix + name] = p.detach().to(self.dtype)
+        return out
+
+    def _layout(self, name: str) -> tuple[bool, Layout]:
+        rec = self._record(name)
+        act = rec.g_idx is not None and not is_trivial_g_idx(rec.g_idx)
+        if act:
+            self.act_order.add(name)
+        return act, layout_of(self.specs[name], act_order=act)
+
+    def _record(self, name: str):
+        rec = self.records.get(name)
+        if rec is None:
+            raise KeyError(f"{name} is quantized by the recipe but has no ModuleRecord; "
+                           f"write_layer must run after the layer's GPTQ solve")
+        return rec
+
+    def _stacked_tensors(self, members: list) -> dict[str, torch.Tensor]:
+        """compress_stack over chunks of `members` (linears of one spec and shape); rows are views."""
+        name0, mod0 = members[0]
+        spec = self.specs[name0]
+        fmt = self._format(spec)
+        layout = layout_of(spec)
+        R, C = mod0.weight.shape
+        # bounded temporaries: packing widths that do not divide 8 expands codes into bits
+        per_chunk = max(1, (STACK_CODES if 8 % fmt.bits == 0 else STACK_CODES // 4) // (R * C))
+        out: dict[str, torch.Tensor] = {}
+        for c0 in range(0, len(members), per_chunk):
+            chunk = members[c0:c0 + per_chunk]
+            dev = mod0.weight.device
+            W = torch.stack([m.weight.detach() for _, m in chunk])
+            params = _stack_params([_params_to(self._record(n).params, dev) for n, _ in chunk])
+            stacked = compress_stack(W, params, fmt, layout)
+            for j, (full, mod) in enumerate(chunk):
+                for key, t in stacked.items():
+                    out[f"{full}.{key}"] = t[j]
+                if mod.bias is not None:
+                    out[f"{full}.bias"] = mod.bias.detach().to(self.dtype)
         return out
 
     def _is_quantized(self, name: str) -> bool:
@@ -77,17 +126,11 @@ class LayerCompressor:
         return self._formats[spec]
 
     def _linear_tensors(self, name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
-        rec = self.records.get(name)
-        if rec is None:
-            raise KeyError(f"{name} is quantized by the recipe but has no ModuleRecord; "
-                           f"write_layer must run after the layer's GPTQ solve")
+        rec = self._record(name)
         spec = self.specs[name]
         dev = lin.weight.device
         g_idx = None if rec.g_idx is None else rec.g_idx.detach().to(dev)
-        act = g_idx is not None and not is_trivial_g_idx(g_idx)
-        layout: Layout = layout_of(spec, act_order=act)
-        if act:
-            self.act_order.add(name)
+        act, layout = self._layout(name)
         params = _params_to(rec.params, dev)
         out = compress(lin.weight.detach(), params, self._format(spec), layout, g_idx if act else None)
         if lin.bias is not None:                      # biases stay dense, as compressed-tensors keeps them
@@ -120,7 +163,7 @@ class QuantizedCheckpointWriter(LayerCompressor):
     # --- per layer -------------------------------------------------------------------------
     def write_layer(self, i: int, layer: nn.Module) -> None:
         """Every tensor of decoder layer i, quantized linears compressed."""
-        self.add_layer(i, {k: v.cpu() for k, v in self.layer_tensors(i, layer).items()})
+        self.add_layer(i, to_host(self.layer_tensors(i, layer)))
 
     def add_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Layer i's `layer_tensors`, already in host memory, into the shards."""
@@ -195,10 +238,52 @@ class DequantizedCheckpointWriter(QuantizedCheckpointWriter):
         return config
 
 
+STACK_CODES = 1 << 26
+"""Codes compressed in one stack (64M: 32 OLMoE experts' gate or up; a few hundred MB of temporaries)."""
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host copies, each with its own storage (safetensors refuses shared ones), in few transfers.
+
+    Tensors that are views of one device tensor (rows of a compressed stack) are copied over
+    as that one storage, then split on the host: one transfer and one host sync per stack
+    instead of one per tensor (a MoE layer has ~800 of them). A storage is copied whole only
+    when the views cover most of it; anything else is copied on its own."""
+    used: dict[int, int] = {}
+    for t in tensors.values():
+        if t.device.type != "cpu":
+            key = t.untyped_storage().data_ptr()
+            used[key] = used.get(key, 0) + t.numel() * t.element_size()
+    whole: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, t in tensors.items():
+        st = t.untyped_storage()
+        if t.device.type == "cpu":
+            out[k] = t.clone() if st.nbytes() != t.numel() * t.element_size() else t
+        elif st.nbytes() == t.numel() * t.element_size() or 2 * used[st.data_ptr()] < st.nbytes():
+            out[k] = t.cpu().clone() if st.nbytes() != t.numel() * t.element_size() else t.cpu()
+        else:
+            key = st.data_ptr()
+            if key not in whole:
+                whole[key] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st).cpu()
+            host = whole[key].untyped_storage()
+            out[k] = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.shape, t.stride()).clone()
+    return out
+
+
+def _stack_params(ps: list):
+    """Per-linear QParams -> one QParams with a leading stack dim on every tensor."""
+    from alphaquant.formats.base import QParams
+    p0 = ps[0]
+    stack = lambda get: torch.stack([get(p) for p in ps])  # noqa: E731
+    extra = {k: stack(lambda p, k=k: p.extra[k]) if torch.is_tensor(v) else v for k, v in p0.extra.items()}
+    return QParams(stack(lambda p: p.scale), None if p0.zero is None else stack(lambda p: p.zero), extra)
+
+
 def _params_to(p, device):
     from alphaquant.formats.base import QParams
     to = lambda t: None if t is None else t.detach().to(device)  # noqa: E731
     return QParams(to(p.scale), to(p.zero), {k: to(v) if torch.is_tensor(v) else v for k, v in p.extra.items()})
 
 
-__all__ = ["LayerCompressor", "QuantizedCheckpointWriter", "DequantizedCheckpointWriter", "TOKENIZER_FILES"]
+__all__ = ["LayerCompressor", "QuantizedCheckpointWriter", "DequantizedCheckpointWriter", "TOKENIZER_FILES", "to_host"]

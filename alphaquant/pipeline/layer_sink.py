@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from alphaquant.export.writer import to_host
+
 
 class LayerSink:
     def __init__(self, writer, resume, compressor, device: torch.device):
@@ -75,18 +77,13 @@ class LayerSink:
     def _write_on_current_stream(self, i, layer, records, save_resume) -> None:
         quantized = None
         if self.writer is not None:
-            host = _to_host(self.writer.layer_tensors(i, layer))
+            host = to_host(self.writer.layer_tensors(i, layer))
             self.writer.add_layer(i, host)
             if self.writer is self.compressor:       # the checkpoint's tensors are the resume state's
                 quantized = host
         if save_resume:
             if quantized is None:
-                quantized = _to_host(self.compressor.layer_tensors(i, layer))
+                quantized = to_host(self.compressor.layer_tensors(i, layer))
             solved = {k: t for k, t in quantized.items() if k.rpartition(".")[0] in records}
             self.resume.save_layer(i, solved, records)
 
-
-def _to_host(tensors: dict) -> dict:
-    """Device tensors -> host (pageable: the ShardWriter holds them until a shard is full, and page-locked
-    memory kept that long would grow the host allocator's cache; this thread may block on the copies)."""
-    return {k: t.cpu() for k, t in tensors.items()}
