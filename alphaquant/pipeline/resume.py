@@ -98,7 +98,7 @@ class ResumeState:
         self.wait()
         host = {k: (v.detach() if v.device.type == "cpu" else v.detach().cpu()).contiguous()
                 for k, v in tensors.items()}
-        meta = {"records": {n: _record_dict(r) for n, r in records.items()}}
+        meta = {"records": _record_dicts(records)}
         self._thread = threading.Thread(target=self._write, args=(i, host, meta), daemon=True,
                                         name=f"resume-layer-{i}")
         self._thread.start()
@@ -154,9 +154,19 @@ class ResumeState:
         return weights, records
 
 
-def _record_dict(r) -> dict:
-    cpu = lambda t: t.detach().cpu() if torch.is_tensor(t) else t  # noqa: E731
-    return {"scale": cpu(r.params.scale), "zero": cpu(r.params.zero),
-            "params_extra": {k: cpu(v) for k, v in r.params.extra.items()}, "g_idx": cpu(r.g_idx),
-            "tokens": int(r.tokens), "weight_sum": float(r.weight_sum), "loss": float(r.loss),
-            "rel_error": float(r.rel_error), "fallback": r.fallback, "extra": dict(r.extra)}
+def _record_dicts(records: dict) -> dict:
+    """{name: the record as plain data}, its tensors copied to the host together: the records of
+    one solve are views of that solve's params, so this is a few transfers, not one per tensor
+    (a MoE layer has ~600 of them, each a host sync on the thread that writes in the background)."""
+    fields = {}
+    for n, r in records.items():
+        fields[n] = {"scale": r.params.scale, "zero": r.params.zero, "g_idx": r.g_idx,
+                     **{"extra." + k: v for k, v in r.params.extra.items()}}
+    from alphaquant.export.writer import to_host
+    host = to_host({f"{n}\0{f}": t.detach() for n, fs in fields.items() for f, t in fs.items() if torch.is_tensor(t)})
+    get = lambda n, f: host.get(f"{n}\0{f}", fields[n][f])  # noqa: E731
+    return {n: {"scale": get(n, "scale"), "zero": get(n, "zero"),
+                "params_extra": {k: get(n, "extra." + k) for k in r.params.extra}, "g_idx": get(n, "g_idx"),
+                "tokens": int(r.tokens), "weight_sum": float(r.weight_sum), "loss": float(r.loss),
+                "rel_error": float(r.rel_error), "fallback": r.fallback, "extra": dict(r.extra)}
+            for n, r in records.items()}
