@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,32 @@ def test_ranks_started_by_torchrun_write_the_same_checkpoint(runs, tmp_path):
     three = _run(tmp_path, Path(cfg["model"]["path"]), Path(cfg["calibration"]["dataset"]), "torchrun", 2, "ddp",
                  torchrun=True)
     assert (three / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+
+
+def test_ddp_killed_after_a_layer_resumes_to_the_same_checkpoint(runs, tmp_path):
+    """Under DDP the last rank writes the resume state (rank 0 the checkpoint). SIGKILL that rank
+    right after layer 0's state is on disk (torchrun then stops the other rank too), start the same
+    command again: it resumes after layer 0 and writes the uninterrupted DDP run's checkpoint."""
+    from test_resume import KILLER
+    _, two = runs
+    cfg = json.loads((two / "alphaquant_recipe.json").read_text())["config"]
+    conf = write_config(tmp_path / "resumed.yaml", Path(cfg["model"]["path"]), Path(cfg["calibration"]["dataset"]),
+                        trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp"},
+                        calibration={"num_samples": 8, "batch_size": 1}, eval={"max_windows": 4, "batch_size": 1},
+                        output={"save": True, "dir": str(tmp_path / "resumed")})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KILL_AT": "0"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    killed = subprocess.run([*torchrun, "--no-python", sys.executable, "-c", KILLER, "--config", str(conf)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and not (tmp_path / "resumed").exists()
+    # torchrun's report names the process that saved layer 0's state and was killed: the last rank
+    root = killed.stderr[killed.stderr.index("Root Cause"):]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", root), root
+    state = tmp_path / ".resumed.resume"
+    assert (state / "layer_00000.safetensors").is_file(), killed.stderr[-2000:]
+    again = subprocess.run([*torchrun, str(REPO / "train_quant.py"), "--config", str(conf)],
+                           cwd=tmp_path, env={**env, "KILL_AT": ""}, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming: layers 0-0" in again.stdout + again.stderr
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+    assert not state.exists()                              # removed by its writer once the checkpoint is complete

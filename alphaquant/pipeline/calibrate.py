@@ -50,7 +50,9 @@ def build_and_walk(session, writer_factory) -> dict:
                             "layer/max_rel_error": rows[0]["max_rel_error"]}, step=i)
 
     out = session.out_dir if (writer_factory and rank0) else None
-    resume = _resume_state(session, rank0)
+    # the resume state is written by the last rank, the checkpoint by rank 0: under DDP the two
+    # background writes (and their host time) fall on different processes; one process does both
+    resume = _resume_state(session, rank0, writes=trainer.global_rank == trainer.world_size - 1)
     t0 = time.perf_counter()
     stages = session.stage_seconds
     stages["setup"] = t0 - t_setup       # trainer, loggers, resume fingerprint
@@ -92,18 +94,20 @@ def build_and_walk(session, writer_factory) -> dict:
         stages["finish"] = time.perf_counter() - t1     # the last shard after the plots, JSON files
     results["records"] = solver.records
     if resume is not None:
-        trainer.strategy.barrier()      # every rank has read the resume state before rank 0 removes it
+        trainer.strategy.barrier()      # the checkpoint is in place and every rank has read the resume
+        # state before its writer (the last rank) removes it
         resume.clear()                  # the checkpoint is complete: nothing left to resume
     return results
 
 
-def _resume_state(session, rank0):
-    """The run's ResumeState (None when output.resume is off); says so when it resumes."""
+def _resume_state(session, rank0, writes):
+    """The run's ResumeState (None when output.resume is off); says so when it resumes.
+    `writes`: this rank writes (and finally removes) the state; the others only read it."""
     cfg = session.cfg
     if not cfg.output.resume:
         return None
     from alphaquant.pipeline.resume import ResumeState, fingerprint
-    state = ResumeState(session.out_dir, fingerprint(cfg), writer=rank0)
+    state = ResumeState(session.out_dir, fingerprint(cfg), writer=writes)
     if state.layers_done and rank0:
         print(f"resuming: layers 0-{state.layers_done - 1} were finished by an earlier run of this command "
               f"({state.dir}); their solved weights are reused")
