@@ -2,8 +2,9 @@
 
     <output.dir's parent>/.<name>.resume/
         state.json             {"fingerprint": ..., "layers_done": k, ...}   (written last, atomically)
-        layer_00000.safetensors  layer 0's solved linears as the checkpoint stores them (packed codes + scales)
-        layer_00000.pt           their ModuleRecords (scales/zeros/g_idx, tokens, errors) + layer timings
+        layer_00000.safetensors  layer 0's solved linears as the checkpoint stores them (packed codes + scales),
+                                 and their ModuleRecords' tensors (scales/zeros/g_idx) under "record/<name>/<field>"
+        layer_00000.json         the rest of those ModuleRecords (tokens, errors, fallbacks)
         ...
 
 A rerun of the same command finds state.json, checks that everything that decides the
@@ -18,7 +19,10 @@ weights), never the activation caches (gigabytes per layer).
 Files are written (by a background thread, overlapping the next layer's work) to a temporary
 name and renamed, and state.json is replaced last, so a SIGKILL at any moment leaves the
 previous consistent state. The directory is removed when
-the run ends successfully. Under DDP rank 0 writes and every rank reads.
+the run ends successfully. Under DDP the last rank writes (rank 0 writes the checkpoint) and
+every rank reads. Records go to JSON + safetensors rather than torch.save: pickling a layer's
+~600 record tensors held the interpreter lock for tens of milliseconds on the write thread,
+which the main thread's kernel launches waited for.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_VERSION = 2          # 2: compressed tensors instead of dequantized weights
+STATE_VERSION = 3          # 2: compressed tensors instead of dequantized weights; 3: records as JSON + safetensors
+RECORD = "record/"         # key prefix of the records' tensors in a layer's safetensors file
 
 
 def resume_dir(out_dir: Path) -> Path:
@@ -98,7 +103,8 @@ class ResumeState:
         self.wait()
         host = {k: (v.detach() if v.device.type == "cpu" else v.detach().cpu()).contiguous()
                 for k, v in tensors.items()}
-        meta = {"records": _record_dicts(records)}
+        meta, record_tensors = _records_to_files(records)
+        host.update(record_tensors)
         self._thread = threading.Thread(target=self._write, args=(i, host, meta), daemon=True,
                                         name=f"resume-layer-{i}")
         self._thread.start()
@@ -108,7 +114,7 @@ class ResumeState:
             self.dir.mkdir(parents=True, exist_ok=True)
             base = self.dir / f"layer_{i:05d}"
             _atomic_write(base.with_suffix(".safetensors"), lambda p: save_file(host, str(p)))
-            _atomic_write(base.with_suffix(".pt"), lambda p: torch.save(meta, p))
+            _atomic_write(base.with_suffix(".json"), lambda p: p.write_text(json.dumps({"records": meta})))
             _atomic_write(self.dir / "state.json", lambda p: p.write_text(json.dumps(
                 {"fingerprint": self.fp, "layers_done": i + 1, "version": STATE_VERSION,
                  "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n"))
@@ -142,31 +148,36 @@ class ResumeState:
         from alphaquant.formats.base import QParams
 
         base = self.dir / f"layer_{i:05d}"
-        saved = torch.load(base.with_suffix(".pt"), weights_only=True)
-        tensors = load_file(str(base.with_suffix(".safetensors")))
-        weights = decompress_modules(tensors, {n: specs[n] for n in saved["records"]}, dtype)
+        saved = json.loads(base.with_suffix(".json").read_text())["records"]
+        everything = load_file(str(base.with_suffix(".safetensors")))
+        tensors = {k: v for k, v in everything.items() if not k.startswith(RECORD)}
+        weights = decompress_modules(tensors, {n: specs[n] for n in saved}, dtype)
         records = {}
-        for n, r in saved["records"].items():
-            params = QParams(r["scale"], r["zero"], r["params_extra"])
-            records[n] = ModuleRecord(name=n, spec=specs[n], params=params, g_idx=r["g_idx"], tokens=r["tokens"],
-                                      weight_sum=r["weight_sum"], loss=r["loss"], rel_error=r["rel_error"],
-                                      fallback=r["fallback"], extra=r["extra"])
+        for n, r in saved.items():
+            get = lambda f, n=n: everything.get(f"{RECORD}{n}/{f}")  # noqa: E731
+            extra = {k: get("extra." + k) if f"{RECORD}{n}/extra.{k}" in everything else r["params_extra_values"][k]
+                     for k in r["params_extra"]}
+            records[n] = ModuleRecord(name=n, spec=specs[n], params=QParams(get("scale"), get("zero"), extra),
+                                      g_idx=get("g_idx"), tokens=r["tokens"], weight_sum=r["weight_sum"],
+                                      loss=r["loss"], rel_error=r["rel_error"], fallback=r["fallback"],
+                                      extra=r["extra"])
         return weights, records
 
 
-def _record_dicts(records: dict) -> dict:
-    """{name: the record as plain data}, its tensors copied to the host together: the records of
-    one solve are views of that solve's params, so this is a few transfers, not one per tensor
-    (a MoE layer has ~600 of them, each a host sync on the thread that writes in the background)."""
-    fields = {}
-    for n, r in records.items():
-        fields[n] = {"scale": r.params.scale, "zero": r.params.zero, "g_idx": r.g_idx,
-                     **{"extra." + k: v for k, v in r.params.extra.items()}}
+def _records_to_files(records: dict) -> tuple[dict, dict]:
+    """(JSON-able {name: a record's numbers}, {"record/<name>/<field>": host tensor}).
+
+    The tensors go to the host together: the records of one solve are views of that solve's
+    params, so this is a few transfers, not one per tensor (a MoE layer has ~600 of them, each a
+    host sync on the thread that writes in the background)."""
     from alphaquant.export.writer import to_host
-    host = to_host({f"{n}\0{f}": t.detach() for n, fs in fields.items() for f, t in fs.items() if torch.is_tensor(t)})
-    get = lambda n, f: host.get(f"{n}\0{f}", fields[n][f])  # noqa: E731
-    return {n: {"scale": get(n, "scale"), "zero": get(n, "zero"),
-                "params_extra": {k: get(n, "extra." + k) for k in r.params.extra}, "g_idx": get(n, "g_idx"),
-                "tokens": int(r.tokens), "weight_sum": float(r.weight_sum), "loss": float(r.loss),
-                "rel_error": float(r.rel_error), "fallback": r.fallback, "extra": dict(r.extra)}
-            for n, r in records.items()}
+    meta, device = {}, {}
+    for n, r in records.items():
+        fields = {"scale": r.params.scale, "zero": r.params.zero, "g_idx": r.g_idx,
+                  **{"extra." + k: v for k, v in r.params.extra.items()}}
+        device.update({f"{RECORD}{n}/{f}": t.detach() for f, t in fields.items() if torch.is_tensor(t)})
+        meta[n] = {"tokens": int(r.tokens), "weight_sum": float(r.weight_sum), "loss": float(r.loss),
+                   "rel_error": float(r.rel_error), "fallback": r.fallback, "extra": dict(r.extra),
+                   "params_extra": list(r.params.extra),
+                   "params_extra_values": {k: v for k, v in r.params.extra.items() if not torch.is_tensor(v)}}
+    return meta, to_host(device)
