@@ -77,6 +77,7 @@ def _shared_tensors(device):
     out.update({f"z{n}": zp[n] for n in range(4)})
     out["small"] = big[10:20]
     out["alone"] = torch.ones(3, device=device)
+    out["again"] = out["alone"]                            # one tensor under two keys
     return out
 
 
@@ -108,5 +109,6 @@ def test_to_host_copies_shared_device_storage_once(monkeypatch):
             m.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.append(self.numel()) or real(self, *a, **k))
             return to_host(tensors)
     _check_to_host("cuda", counted)
-    # one transfer per shared stack (w, c, z), one for the slice of the big storage, one for "alone"
-    assert len(calls) == 5, calls
+    # one transfer per shared stack (w, c, z), one for the slice of the big storage, one each for
+    # "alone" and "again" (the same tensor under two keys)
+    assert len(calls) == 6, calls

@@ -268,6 +268,11 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 whole[key] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st).cpu()
             host = whole[key].untyped_storage()
             out[k] = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.shape, t.stride()).clone()
+    seen: set[int] = set()
+    for k, h in out.items():             # one tensor under two keys (stacked linears share a g_idx)
+        if h.untyped_storage().data_ptr() in seen:
+            out[k] = h = h.clone()
+        seen.add(h.untyped_storage().data_ptr())
     return out
 
 
