@@ -63,7 +63,7 @@ class LayerCompressor:
                 act, layout = self._layout(full)
                 fmt = self._format(self.specs[full])
                 if act or not can_stack(fmt, layout, tuple(mod.weight.shape)):
-                    for key, t in self._linear_tensors(full, mod).items():
+                    for key, t in self._linear_tensors(full, mod, act, layout).items():
                         out[f"{full}.{key}"] = t
                 else:
                     key = (self.specs[full], tuple(mod.weight.shape), mod.weight.dtype, layout.key())
@@ -101,10 +101,10 @@ class LayerCompressor:
         R, C = mod0.weight.shape
         # bounded temporaries: packing widths that do not divide 8 expands codes into bits
         per_chunk = max(1, (STACK_CODES if 8 % fmt.bits == 0 else STACK_CODES // 4) // (R * C))
+        dev = mod0.weight.device
         out: dict[str, torch.Tensor] = {}
         for c0 in range(0, len(members), per_chunk):
             chunk = members[c0:c0 + per_chunk]
-            dev = mod0.weight.device
             W = torch.stack([m.weight.detach() for _, m in chunk])
             params = _stack_params([_params_to(self._record(n).params, dev) for n, _ in chunk])
             stacked = compress_stack(W, params, fmt, layout)
@@ -125,14 +125,12 @@ class LayerCompressor:
             self._formats[spec] = build_format(spec)
         return self._formats[spec]
 
-    def _linear_tensors(self, name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
+    def _linear_tensors(self, name: str, lin: nn.Linear, act: bool, layout: Layout) -> dict[str, torch.Tensor]:
+        """compress() of one linear; act, layout: `_layout(name)`."""
         rec = self._record(name)
-        spec = self.specs[name]
         dev = lin.weight.device
-        g_idx = None if rec.g_idx is None else rec.g_idx.detach().to(dev)
-        act, layout = self._layout(name)
-        params = _params_to(rec.params, dev)
-        out = compress(lin.weight.detach(), params, self._format(spec), layout, g_idx if act else None)
+        g_idx = rec.g_idx.detach().to(dev) if act else None
+        out = compress(lin.weight.detach(), _params_to(rec.params, dev), self._format(self.specs[name]), layout, g_idx)
         if lin.bias is not None:                      # biases stay dense, as compressed-tensors keeps them
             out["bias"] = lin.bias.detach().to(self.dtype)
         return out
@@ -258,10 +256,11 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, t in tensors.items():
         st = t.untyped_storage()
+        owns = st.nbytes() == t.numel() * t.element_size()
         if t.device.type == "cpu":
-            out[k] = t.clone() if st.nbytes() != t.numel() * t.element_size() else t
-        elif st.nbytes() == t.numel() * t.element_size() or 2 * used[st.data_ptr()] < st.nbytes():
-            out[k] = t.cpu().clone() if st.nbytes() != t.numel() * t.element_size() else t.cpu()
+            out[k] = t if owns else t.clone()
+        elif owns or 2 * used[st.data_ptr()] < st.nbytes():
+            out[k] = t.cpu()                 # a copy of t alone, in storage of its own
         else:
             key = st.data_ptr()
             if key not in whole:

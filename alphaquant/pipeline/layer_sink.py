@@ -1,8 +1,8 @@
 """Writing each finished decoder layer (checkpoint shards, resume state) behind the next one's work.
 
-Compressing a layer's experts (encode, verify, pack: a few hundred small kernels and host
-syncs), copying the result to the host and handing it to the shard writer and the resume
-state takes as long as a sizeable part of the layer's compute. None of it feeds the next
+Compressing a layer's experts (encode, verify, pack; in stacks of experts), copying the result
+to the host and handing it to the shard writer and the resume state takes as long as a
+sizeable part of the layer's compute. None of it feeds the next
 layer, so it runs on one background thread, on its own CUDA stream, while the walker goes on
 with layer i+1. The finished layer stays loaded (its weights are what is being compressed)
 until its write is done; the walker frees it through `release` then. At most one layer is in

@@ -94,17 +94,18 @@ class ResumeState:
         """After layer i: its solved linears' checkpoint tensors (LayerCompressor's, keyed
         `<module>.weight_packed` ...) and records; then state.json says i+1 done.
 
-        Device tensors are copied to the host here; the files are written by a background thread.
+        Tensors are copied to the host here (`to_host`); the files are written by a background thread.
         Only one write is in flight: the previous one is finished (and its error, e.g. a full
         disk, raised) before a new one starts.
         """
         if not self.writer:
             return
         self.wait()
-        host = {k: (v.detach() if v.device.type == "cpu" else v.detach().cpu()).contiguous()
-                for k, v in tensors.items()}
+        from alphaquant.export.writer import to_host
         meta, record_tensors = _records_to_files(records)
-        host.update(record_tensors)
+        # one copy to the host for both: the records of one solve are views of that solve's params,
+        # so this is a few transfers, not one per tensor (a MoE layer has ~600 record tensors)
+        host = {k: v.contiguous() for k, v in to_host({**tensors, **record_tensors}).items()}
         self._thread = threading.Thread(target=self._write, args=(i, host, meta), daemon=True,
                                         name=f"resume-layer-{i}")
         self._thread.start()
@@ -165,19 +166,14 @@ class ResumeState:
 
 
 def _records_to_files(records: dict) -> tuple[dict, dict]:
-    """(JSON-able {name: a record's numbers}, {"record/<name>/<field>": host tensor}).
-
-    The tensors go to the host together: the records of one solve are views of that solve's
-    params, so this is a few transfers, not one per tensor (a MoE layer has ~600 of them, each a
-    host sync on the thread that writes in the background)."""
-    from alphaquant.export.writer import to_host
-    meta, device = {}, {}
+    """(JSON-able {name: a record's numbers}, {"record/<name>/<field>": its tensor, where it is})."""
+    meta, tensors = {}, {}
     for n, r in records.items():
         fields = {"scale": r.params.scale, "zero": r.params.zero, "g_idx": r.g_idx,
                   **{"extra." + k: v for k, v in r.params.extra.items()}}
-        device.update({f"{RECORD}{n}/{f}": t.detach() for f, t in fields.items() if torch.is_tensor(t)})
+        tensors.update({f"{RECORD}{n}/{f}": t.detach() for f, t in fields.items() if torch.is_tensor(t)})
         meta[n] = {"tokens": int(r.tokens), "weight_sum": float(r.weight_sum), "loss": float(r.loss),
                    "rel_error": float(r.rel_error), "fallback": r.fallback, "extra": dict(r.extra),
                    "params_extra": list(r.params.extra),
                    "params_extra_values": {k: v for k, v in r.params.extra.items() if not torch.is_tensor(v)}}
-    return meta, to_host(device)
+    return meta, tensors
