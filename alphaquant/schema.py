@@ -201,11 +201,52 @@ _Loader.add_constructor("tag:yaml.org,2002:int", _int)
 
 
 def yaml_load(text: str, source: str):
-    """Parse YAML text; a syntax error becomes ConfigError naming `source` and the line."""
+    """Parse YAML text; a syntax error or a repeated key becomes ConfigError naming `source` and the line.
+
+    PyYAML lets the last of two equal keys win silently; a config that says `seq_len: 512` and,
+    further down, `seq_len: 2048` is refused instead:
+
+        yaml_load("gptq:\n  damp: 0.01\n  damp: 0.1\n", "run.yaml")
+        # ConfigError: run.yaml sets the key 'gptq.damp' twice, at line 2 and line 3; ...
+    """
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, "", source, set())
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{source} is not valid YAML{line}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(node, path: str, source: str, seen: set) -> None:
+    """ConfigError for the first mapping (at any depth) that holds the same scalar key twice.
+    Merge keys (`<<: *base`) are left to YAML: a key given beside a merge overrides it by design."""
+    if id(node) in seen:                      # an alias of a node already walked (anchors may recurse)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                name = join(path, key.value)
+                here = (key.start_mark.line + 1, key.start_mark.column + 1)
+                if (key.tag, key.value) in first:
+                    there = first[(key.tag, key.value)]
+                    at = (f"at line {there[0]} and line {here[0]}" if there[0] != here[0] else
+                          f"on line {here[0]} (columns {there[1]} and {here[1]})")
+                    raise ConfigError(f"{source} sets the key '{name}' twice, {at}; a key may appear once "
+                                      f"per mapping (YAML would silently keep the last), so delete one of them")
+                first[(key.tag, key.value)] = here
+                _check_duplicate_keys(value, name, source, seen)
+            else:
+                _check_duplicate_keys(value, path, source, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, join(path, i), source, seen)
