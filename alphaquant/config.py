@@ -51,6 +51,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"   # dtype the unquantized layers run in
     lazy: bool = True                                # stream decoder layers from safetensors one at a time
     tokenizer: str | None = None                     # tokenizer hub id / dir; default: model.path
+    # local: AlphaQuant's own code for olmoe / qwen2_moe / mixtral / deepseek_moe; transformers: the generic
+    # path over transformers' modeling classes (every other model always takes it; see alphaquant/arch)
+    implementation: Literal["local", "transformers"] = "local"
 
     def check(self, path: str) -> None:
         if not self.path:
