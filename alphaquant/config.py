@@ -40,6 +40,15 @@ def _positive(path: str, **values) -> None:
             raise ConfigError(f"{path}.{key} must be > 0; got {v}")
 
 
+INT64 = (-2**63, 2**63 - 1)      # what torch.manual_seed / torch.Generator.manual_seed take without wrapping
+
+
+def _check_seed(key: str, seed: int) -> None:
+    if not INT64[0] <= seed <= INT64[1]:
+        raise ConfigError(f"{key} must fit in an int64 ({INT64[0]} .. {INT64[1]}; e.g. 0 or 1234), "
+                          f"which is what torch seeds take; got {seed}")
+
+
 def _check_split(path: str, split: str) -> None:
     from alphaquant.data_sources import parse_split   # lazy: it imports torch
     parse_split(split, key=f"{path}.split")
@@ -85,6 +94,7 @@ class CalibrationConfig:
 
     def check(self, path: str) -> None:
         _positive(path, num_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size)
+        _check_seed(f"{path}.seed", self.seed)
         if self.min_tokens_warn < 0:
             raise ConfigError(f"{path}.min_tokens_warn must be >= 0; got {self.min_tokens_warn}")
         if self.batch_size > self.num_samples:
@@ -111,6 +121,9 @@ class EvalConfig:
 
     def check(self, path: str) -> None:
         _positive(path, seq_len=self.seq_len, max_windows=self.max_windows, batch_size=self.batch_size)
+        if self.seq_len < 2:      # token t predicts token t+1: a 1-token window has nothing to predict
+            raise ConfigError(f"{path}.seq_len must be >= 2 (a window of one token predicts nothing); "
+                              f"got {self.seq_len}")
         _check_split(path, self.split)
 
 
@@ -177,6 +190,7 @@ class Config:
 
     def check(self, path: str) -> None:
         self.model.check("model")                    # model.path is required even if `model:` is absent
+        _check_seed("seed", self.seed)
         if self.name is None:
             self.name = Path(self.model.path.rstrip("/")).name or "run"
         if self.output.dir is None:
@@ -263,7 +277,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist" if not p.exists()
                               else f"config path '{path}' is not a file")
-        data = yaml_load(p.read_text(), label)
+        data = yaml_load(_read_utf8(p, label), label)
         if data is None:
             data = {}
     cli: dict[str, str] = {}                    # key path as in messages -> flag
@@ -284,6 +298,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         return label
 
     return build(Config, data, source)
+
+
+def _read_utf8(p: Path, label: str) -> str:
+    """The config file's text; ConfigError naming the first byte that is not UTF-8 (and its line)."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"config file '{label}' is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line} "
+                          f"(offset {e.start}) is not valid UTF-8; save the file as UTF-8") from None
 
 
 def _message_path(keys: list[str]) -> str:
