@@ -7,6 +7,7 @@ Sources (`calibration.dataset`, `eval.dataset`):
               validation = first 1100 documents joined with " " (GPTQ's c4 evaluation text)
   *.txt       a local text file
   *.jsonl     one JSON object per line, the text in `text_field`; documents joined with "\\n\\n"
+              (both must be UTF-8: a byte that is not is refused, naming its line, never replaced)
   *.pt *.npy  a pre-tokenized 1-D (or flattened) integer tensor/array
   *.bin       raw token ids, `token_dtype` uint16 or uint32 (nanoGPT's train.bin layout)
 
@@ -20,6 +21,7 @@ at the fraction of their tokens. Ranges that do not overlap give disjoint data.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -94,7 +96,7 @@ def load_text(source: str, split: str = "train", text_field: str = "text", key: 
         return _hub_text(source, sp, key)
     p = local_path(source, key)
     if p.suffix == ".txt":
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = read_utf8(p, key)
     elif p.suffix == ".jsonl":
         text = "\n\n".join(_jsonl_texts(p, text_field, key))
     else:
@@ -106,9 +108,24 @@ def load_text(source: str, split: str = "train", text_field: str = "text", key: 
     return out
 
 
+def read_utf8(p: Path, key: str) -> str:
+    """The text of a local data file; DataError naming the first byte that is not UTF-8.
+
+    Strict rather than errors="replace": a file in another encoding (latin-1, cp1252) would
+    otherwise calibrate on U+FFFD in place of every accented letter, without a word."""
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{key}: '{p}' is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line} (offset "
+                        f"{e.start}) is not valid UTF-8; convert the file, e.g. iconv -f latin1 -t utf-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")     # universal newlines, as read_text gives
+
+
 def _jsonl_texts(p: Path, field: str, key: str) -> list[str]:
     texts = []
-    with p.open(encoding="utf-8") as f:
+    with io.StringIO(read_utf8(p, key), newline=None) as f:        # the lines a text-mode file iterates
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
