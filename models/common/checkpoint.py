@@ -27,6 +27,25 @@ class CheckpointError(ValueError):
     """A checkpoint directory whose files are truncated, corrupt, or lack a tensor the model needs."""
 
 
+# A model weight (`*.weight`, `*.bias`, a fused `experts.gate_up_proj` / `experts.down_proj`) is a float
+# tensor; an integer one would be copied into the model's dtype as if its codes were values. (Quantized
+# tensors have names of their own: weight_packed, weight_scale, weight_zero_point, ...)
+_WEIGHT_KEY = re.compile(r"(\.weight|\.bias|\.experts\.gate_up_proj|\.experts\.down_proj)$")
+_INTEGER_DTYPES = ("BOOL", "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
+
+
+def _check_float_weights(handle, path: Path) -> None:
+    """CheckpointError naming the first weight stored with an integer dtype (read from the header only)."""
+    for key in handle.keys():
+        if _WEIGHT_KEY.search(key):
+            dtype = handle.get_slice(key).get_dtype()
+            if dtype in _INTEGER_DTYPES:
+                raise CheckpointError(
+                    f"the tensor {key!r} in '{path}' is stored as {dtype}, an integer type; model weights must be "
+                    f"floating point (F32, F16, BF16 or F8_*): is this checkpoint already quantized? point "
+                    f"model.path at the unquantized model")
+
+
 def _corrupt(path: Path, e: Exception) -> CheckpointError:
     why = str(e).splitlines()[0] if str(e) else type(e).__name__
     return CheckpointError(f"the safetensors file '{path}' is truncated or corrupt ({why}); "
@@ -48,6 +67,7 @@ class CheckpointReader:
         self.directory = Path(directory)
         index = self.directory / INDEX_NAME
         self._handles: dict[Path, object] = {}
+        self._checked: set[Path] = set()        # files whose weight dtypes were checked
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -77,9 +97,13 @@ class CheckpointReader:
     def _handle(self, path: Path):
         if path not in self._handles:  # keep files open: re-parsing a large shard header per tensor is slow
             try:
-                self._handles[path] = safe_open(path, "pt")
+                handle = safe_open(path, "pt")
             except (SafetensorError, OSError) as e:
                 raise _corrupt(path, e) from None
+            if path not in self._checked:          # every file's dtypes once, on first open (the index)
+                _check_float_weights(handle, path)
+                self._checked.add(path)
+            self._handles[path] = handle
         return self._handles[path]
 
     def close(self) -> None:
@@ -89,6 +113,7 @@ class CheckpointReader:
         """The same index with its own file handles (for a reader thread; headers are parsed again on use)."""
         other = object.__new__(CheckpointReader)
         other.directory, other.key_to_file, other._handles = self.directory, self.key_to_file, {}
+        other._checked = self._checked
         return other
 
     def read(self, key: str) -> torch.Tensor:

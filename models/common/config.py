@@ -8,6 +8,7 @@ so the modeling code in models/common reads one vocabulary. The original dict is
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,7 +83,12 @@ class MoEModelConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "MoEModelConfig":
         """Build from a config.json dict (each family overrides `_fields_from_hf`)."""
-        kw = cls._fields_from_hf(d)
+        check_types(d)
+        try:
+            kw = cls._fields_from_hf(d)
+        except KeyError as e:
+            raise ModelConfigError(f"config.json lacks the required key {e.args[0]!r} "
+                                   f"(the {cls.family} family needs it).") from None
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in kw.items() if k in names}, raw=dict(d))
 
@@ -93,6 +99,73 @@ class MoEModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict to write next to the weights."""
         return dict(self.raw)
+
+
+# config.json key -> (what it must be, test, null allowed); checked before any family reads the dict,
+# so `"rms_norm_eps": "1e-5"` or `"vocab_size": null` is one sentence naming the key, not a TypeError
+# deep in the model code (or a model silently built from a string).
+def _int(lo: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _num(lo: float):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo and v == v and v != float("inf")
+
+
+def _bool(v) -> bool:
+    return isinstance(v, bool) or (type(v) is int and v in (0, 1))
+
+
+_POS, _NONNEG = ("an integer > 0", _int(1)), ("an integer >= 0", _int(0))
+CONFIG_KEY_TYPES: dict[str, tuple[str, Any, bool]] = {
+    **{k: (*_POS, False) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "max_position_embeddings", "num_experts_per_tok", "decoder_sparse_step",
+                                   "moe_layer_freq")},
+    **{k: (*_POS, True) for k in ("num_key_value_heads", "head_dim")},
+    **{k: (*_NONNEG, False) for k in ("intermediate_size", "moe_intermediate_size",
+                                      "shared_expert_intermediate_size", "num_experts", "num_local_experts",
+                                      "first_k_dense_replace", "max_window_layers")},
+    **{k: (*_NONNEG, True) for k in ("n_routed_experts", "n_shared_experts", "sliding_window")},
+    "pad_token_id": ("an integer", _int(-2**63), True),         # some hub configs say -1
+    "rms_norm_eps": ("a number >= 0 (e.g. 1e-5)", _num(0.0), False),
+    "rope_theta": ("a number > 0", lambda v: _num(0.0)(v) and v > 0, False),
+    "clip_qkv": ("a number > 0", lambda v: _num(0.0)(v) and v > 0, True),
+    **{k: ("true or false", _bool, False) for k in ("tie_word_embeddings", "norm_topk_prob", "attention_bias",
+                                                    "qkv_bias", "use_sliding_window")},
+    **{k: ("a string", lambda v: isinstance(v, str), False) for k in ("hidden_act", "scoring_func")},
+    "mlp_only_layers": ("a list of layer indices", lambda v: isinstance(v, list) and all(_int(0)(i) for i in v), True),
+    "layer_types": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), True),
+    **{k: ("an object", lambda v: isinstance(v, dict), True) for k in ("rope_scaling", "rope_parameters")},
+}
+
+
+def _shown(v: Any) -> str:
+    """The value as config.json spells it, and its JSON kind: '"1e-5" (a string)', 'null'."""
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v))
+    return json.dumps(v)[:60] + (f" ({kind})" if kind else "")
+
+
+def check_types(d: dict[str, Any]) -> None:
+    """ModelConfigError naming the first config.json key whose value has the wrong type or range.
+
+    >>> check_types({"vocab_size": None})      # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    ModelConfigError: config.json key 'vocab_size' must be an integer > 0; got null ...
+    """
+    for key, (what, ok, nullable) in CONFIG_KEY_TYPES.items():
+        if key not in d or (d[key] is None and nullable):
+            continue
+        v = d[key]
+        if not ok(v):
+            raise ModelConfigError(f"config.json key {key!r} must be {what}{' or null' if nullable else ''}; "
+                                   f"got {_shown(v)}; fix config.json or download the "
+                                   f"model's own config.json again.")
+    for key in ("rope_scaling", "rope_parameters"):
+        sub = d.get(key) or {}
+        for k in ("factor", "rope_theta"):
+            if k in sub and not (_num(0.0)(sub[k]) and sub[k] > 0):
+                raise ModelConfigError(f"config.json key '{key}.{k}' must be a number > 0; got {_shown(sub[k])}.")
 
 
 def trunk_fields(d: dict[str, Any], *, eps: float, theta: float) -> dict[str, Any]:
