@@ -174,6 +174,11 @@ class OutputConfig:
     # command after a crash continues after the last finished layer (bit-identical result)
     resume: bool = True
 
+    def check(self, path: str) -> None:
+        if self.dir is not None and self.dir.strip() == "":
+            raise ConfigError(f"{path}.dir is empty; set it to the directory the checkpoint should be written "
+                              f"to, or leave it out for outputs/<name>")
+
 
 @dataclass
 class Config:
@@ -191,10 +196,26 @@ class Config:
     def check(self, path: str) -> None:
         self.model.check("model")                    # model.path is required even if `model:` is absent
         _check_seed("seed", self.seed)
+        self.expand_user_paths()
         if self.name is None:
             self.name = Path(self.model.path.rstrip("/")).name or "run"
+        if self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
+            # the name becomes a directory (outputs/<name>, logs/<name>): "" would be outputs/ itself
+            raise ConfigError(f"name must be a run name without '/' (it names outputs/<name> and logs/<name>); "
+                              f"got {self.name!r}")
         if self.output.dir is None:
             self.output.dir = os.path.join("outputs", self.name)
+
+    def expand_user_paths(self) -> None:
+        """`~` and `~user` in every path key, as a shell would (`model.path: ~/x` is the home's x)."""
+        for section, key in PATH_KEYS:
+            obj = getattr(self, section) if section else self
+            for part in key.split(".")[:-1]:
+                obj = getattr(obj, part)
+            leaf = key.split(".")[-1]
+            value = getattr(obj, leaf)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(obj, leaf, os.path.expanduser(value))
 
     def to_dict(self) -> dict:
         """The resolved config as plain dicts/lists (YAML/JSON serialisable)."""
@@ -203,6 +224,11 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict, source: str = "the given dict") -> "Config":
         return build(cls, data, source)
+
+
+# (section, key) of every config value that is a file or directory path
+PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("calibration", "dataset"), ("eval", "dataset"),
+             ("logging", "wandb.dir"), ("logging", "csv.dir"), ("output", "dir"))
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:

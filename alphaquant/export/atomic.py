@@ -16,27 +16,7 @@ import tempfile
 from pathlib import Path
 
 from alphaquant.errors import UserError
-
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any work) if the output cannot be written."""
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise UserError(f"output.dir {str(out)!r} already exists; pass --overwrite to replace it "
-                        f"or choose another output.dir")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output.dir {str(out)!r} exists and is not a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"output.dir {str(out)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
-                        f"choose an output.dir whose parents are directories")
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"output.dir {str(out)!r} cannot be created: {str(probe)!r} is not writable; "
-                        f"choose an output.dir in a directory you can write to")
-    return out
+from alphaquant.export.output_dir import check_output_dir, replaceable
 
 
 def _temp_prefix(path: Path) -> str:
@@ -58,31 +38,79 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _dead_owner(p: Path, prefix: str) -> bool:
+    """`p` is named PREFIX + HOST.PID[-...] by a process of this host that no longer runs."""
+    owner = p.name[len(prefix):].split("-", 1)[0]
+    h, _, pid = owner.rpartition(".")
+    host = socket.gethostname().replace("-", "_")
+    return h == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+
+
+def _old_prefix(path: Path) -> str:
+    return f".{path.name}.old-"
+
+
 def remove_stale_temps(path: Path) -> list[Path]:
     """Delete temp siblings `.NAME.tmp-HOST.PID-*` left by a killed run of this host (SIGKILL skips all
     cleanup): a partial checkpoint can be as large as the model. Temps of live processes and of other
     hosts (a shared file system) are left alone."""
     removed = []
-    host = socket.gethostname().replace("-", "_")
     for p in path.parent.glob(_temp_prefix(path) + "*"):
-        owner = p.name[len(_temp_prefix(path)):].split("-", 1)[0]
-        h, _, pid = owner.rpartition(".")
-        if p.is_dir() and h == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if p.is_dir() and _dead_owner(p, _temp_prefix(path)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
 
+def recover_interrupted_swap(path: Path) -> str | None:
+    """Finish what a run killed inside an overwrite left: it renames the old checkpoint to
+    `.NAME.old-HOST.PID`, the new one into place, then deletes the old one. Killed between the two
+    renames, NAME is missing: the old checkpoint is renamed back (the new one is an unfinished temp
+    and is removed by `remove_stale_temps`). Killed after them, the old one is deleted.
+    Returns what was done, in words, or None."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return None
+    done = None
+    for old in sorted(path.parent.glob(_old_prefix(path) + "*")):
+        if not old.is_dir() or not _dead_owner(old, _old_prefix(path)):
+            continue
+        if not path.exists():
+            os.replace(old, path)
+            done = f"restored {path} from {old.name}, left by a run killed while replacing it"
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            done = done or f"removed {old.name}, the checkpoint a killed run had already replaced"
+    return done
+
+
+def _mode_from_umask(path: Path) -> None:
+    """mkdtemp makes 0700: give the directory the mode a plain mkdir would (0777 less the umask),
+    so a serving account can read the checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
 class AtomicDir:
+    """`with AtomicDir(path, overwrite) as tmp:` write into tmp; on success tmp becomes path.
+
+    Replacing an existing directory (only an empty one or an earlier checkpoint: `check_output_dir`)
+    is two renames; a SIGKILL between them is repaired by the next run (`recover_interrupted_swap`)."""
+
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.path = Path(path)
+        recover_interrupted_swap(self.path)
         self.path = check_output_dir(path, overwrite)
         self.overwrite = overwrite
         self.tmp: Path | None = None
+        self.replaced: str | None = None      # what an overwrite replaced, in words
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.path)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.path)}{_owner()}-", dir=self.path.parent))
+        _mode_from_umask(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -90,14 +118,18 @@ class AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         if self.path.exists():
-            if not self.overwrite:          # appeared while we worked
+            ok, held = replaceable(self.path) if self.path.is_dir() else (False, "a file")
+            if not self.overwrite or not ok:     # appeared (or changed) while we worked
                 shutil.rmtree(self.tmp, ignore_errors=True)
-                raise UserError(f"output.dir {str(self.path)!r} appeared during the run; "
-                                f"the result was not written (pass --overwrite to replace it)")
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+                why = "pass --overwrite to replace it" if ok else "--overwrite replaces only an empty directory or an earlier AlphaQuant checkpoint"
+                raise UserError(f"output.dir {str(self.path)!r} appeared during the run (it holds {held}); "
+                                f"the result was not written ({why})")
+            old = self.path.with_name(f"{_old_prefix(self.path)}{_owner()}")
             os.replace(self.path, old)
             os.replace(self.tmp, self.path)
             shutil.rmtree(old, ignore_errors=True)
+            self.replaced = held
+            print(f"replaced {held} at {self.path}")
         else:
             os.replace(self.tmp, self.path)
         return False

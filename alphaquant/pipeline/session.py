@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from alphaquant.errors import UserError
-from alphaquant.export.atomic import AtomicDir, check_output_dir
+from alphaquant.export.atomic import AtomicDir, recover_interrupted_swap
+from alphaquant.export.output_dir import check_output_dir, run_inputs
 from alphaquant.recipe import check_formats, estimate_memory, format_counts, plan_table, render_plan, resolve_recipe
 
 OUTSIDE_LAYERS = "kept: AlphaQuant calibrates the linears of decoder layers (not routers, gates, lm_head)"
@@ -33,16 +34,15 @@ class CalibrationSession:
 
     # -- before any weight is read ----------------------------------------------------------
     def prepare(self) -> None:
-        import models
-        from alphaquant.arch import get_adapter
+        from alphaquant.arch import load_model
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if cfg.output.save:
-            check_output_dir(self.out_dir, cfg.output.overwrite)
-        # lazy: decoder layers stay on the meta device; shapes are all the recipe needs
-        self.model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, lazy=cfg.model.lazy)
-        self.adapter = get_adapter(self.model)
+            check_run_output(cfg, self.out_dir)
+        # lazy: decoder layers stay on the meta device; shapes are all the recipe needs. The local family
+        # code or transformers' classes (model.implementation; every other model takes transformers')
+        self.model, self.adapter = load_model(cfg.model)
         self.specs = resolve_recipe(cfg.quant, self.adapter.linear_modules(self.model))
         check_formats(self.specs)
         self.specs = self._only_calibrated(self.specs)
@@ -86,7 +86,7 @@ class CalibrationSession:
 
     def _compare(self, mode: str) -> float:
         """Perplexity of GPTQ with another Hessian mode: a fresh model, nothing saved or logged."""
-        import models
+        from alphaquant.arch import load_model
 
         cfg = copy.deepcopy(self.cfg)
         cfg.calibration.hessian = mode
@@ -94,7 +94,7 @@ class CalibrationSession:
         cfg.logging.wandb.mode, cfg.logging.csv.enabled = "disabled", False
         other = copy.copy(self)
         other.cfg, other.extra_perplexity, other.stage_seconds = cfg, {}, {}
-        other.model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, lazy=cfg.model.lazy)
+        other.model, other.adapter = load_model(cfg.model)
         from alphaquant.pipeline.calibrate import build_and_walk
         return build_and_walk(other, None)["perplexity"]["quantized"]
 
@@ -111,6 +111,21 @@ class CalibrationSession:
     def finish(self, seconds: float) -> None:
         from alphaquant.pipeline.summary import finish_run
         finish_run(self, seconds)
+
+
+def check_run_output(cfg, out_dir: Path) -> None:
+    """The output directory and the resume state beside it may be written: before any weight is read.
+    A checkpoint a killed overwrite left renamed away is put back first (`recover_interrupted_swap`)."""
+    note = recover_interrupted_swap(out_dir)
+    if note:
+        print(f"note: {note}")
+    check_output_dir(out_dir, cfg.output.overwrite, run_inputs(cfg))
+    if cfg.output.resume:
+        from alphaquant.pipeline.resume import resume_dir
+        state = resume_dir(out_dir)
+        if state.exists() and not state.is_dir():
+            raise UserError(f"the resume state {str(state)!r} of output.dir {str(out_dir)!r} exists and is not a "
+                            f"directory; remove it, or set output.resume: false")
 
 
 def _load_tokenizer(path: str):
