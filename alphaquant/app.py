@@ -111,12 +111,11 @@ def check_recipe(cfg) -> None:
     model_dir = cfg.model.local_dir
     if model_dir is None:
         return
-    from alphaquant.arch import get_adapter
+    from alphaquant.arch import load_model
     from alphaquant.recipe import resolve_recipe
-    from models.loading import skeleton
 
-    model = skeleton(model_dir, cfg.model.dtype)
-    resolve_recipe(cfg.quant, get_adapter(model).linear_modules(model))
+    model, adapter = load_model(cfg.model, skeleton_only=True)
+    resolve_recipe(cfg.quant, adapter.linear_modules(model))
 
 
 def preflight(cfg) -> None:
@@ -130,10 +129,8 @@ def preflight(cfg) -> None:
     vocab_size = max_pos = None
     model_dir = cfg.model.local_dir
     if model_dir is not None:
-        import models
-        from models.loading import read_config_dict
-        mc = models.config_from_dict(read_config_dict(model_dir))
-        vocab_size, max_pos = mc.vocab_size, getattr(mc, "max_position_embeddings", None)
+        from alphaquant.arch import model_limits
+        vocab_size, max_pos = model_limits(cfg.model)
     check_sources(cfg, vocab_size=vocab_size, max_pos=max_pos)
     if needs_tokenizer(cfg):
         check_tokenizer_dir(cfg.model.tokenizer or cfg.model.path,
