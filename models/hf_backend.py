@@ -78,7 +78,6 @@ def build_meta(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(config)
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     try:
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(config, dtype=dtype)

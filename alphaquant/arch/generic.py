@@ -129,8 +129,7 @@ class GenericAdapter(ArchAdapter):
         """(hidden (1, 2, H), kwargs) on the layer's device (meta when its weights are not loaded)."""
         p = next(layer.parameters())
         H = self.model.config.hidden_size
-        emb = self.model.model.embed_tokens.weight
-        hidden = torch.zeros(1, 2, H, dtype=p.dtype, device=emb.device if p.is_meta else p.device)
+        hidden = torch.zeros(1, 2, H, dtype=p.dtype, device="cpu" if p.is_meta else p.device)
         kw = self.model.layer_kwargs(hidden)
         if p.is_meta:
             hidden = hidden.to("meta")
