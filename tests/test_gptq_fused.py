@@ -92,7 +92,7 @@ def _round_by_spec(w, s, z, spec):
     """The RoundingSpec's documented formula, written out with torch ops (no bit tricks)."""
     x = w / s
     if spec.kind == "int":
-        c = torch.round(x) + (0 if z is None else z)
+        c = torch.round(x + (0 if z is None else z))
         return (c.clamp(spec.qmin, spec.qmax) - (0 if z is None else z)) * s
     if spec.kind == "int64ths":
         return torch.round(x * 64).clamp(-127, 127) / 64 * s

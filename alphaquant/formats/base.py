@@ -86,7 +86,7 @@ class RoundingSpec:
     """How `round_with` rounds one element given its group's scale (and zero), as plain numbers,
     so that a fused GPU kernel (gptq/fused_sweep.py) can do the same operations in the same order.
 
-    kind "int":      c = clamp(round(w / s) [+ z], qmin, qmax) [- z];  q = c * s
+    kind "int":      c = clamp(round(w / s [+ z]), qmin, qmax) [- z];  q = c * s   (z before rounding)
     kind "grid":     q = s * (w / s rounded to the element grid with `mbits` mantissa bits, smallest
                      binade exponent `emin`, saturating at ±max; floatgrid.round_to_elem)
     kind "int64ths": q = s * clamp(round(64 w / s), -127, 127) / 64   (MXINT8)

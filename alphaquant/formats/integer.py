@@ -9,7 +9,7 @@ exported `pack-quantized` checkpoint decompresses to exactly our dequantized wei
   asymmetric: lo, hi = min(min(w), 0), max(max(w), 0)      (0 must be representable)
               scale = (hi - lo) / (2^b - 1)
               zero  = clamp(qmin - round(lo / scale), qmin, qmax)
-              code  = clamp(round(w / scale) + zero, qmin, qmax)
+              code  = clamp(round(w / scale + zero), qmin, qmax)   (zero added BEFORE rounding)
   dequant:    (code - zero) * scale                         (float32)
 
 Decisions the solver/export engineers rely on:
@@ -22,7 +22,9 @@ Decisions the solver/export engineers rely on:
 - A scale that is 0 after rounding (all-zero group, or underflow in float16) becomes
   finfo(scale_dtype).eps, compressed-tensors' choice; the group then has codes 0
   (symmetric) or codes == zero (asymmetric, zero = qmin), dequantizing to exact 0.
-- torch.round is round-half-to-even; ties therefore go to the even code.
+- torch.round is round-half-to-even; ties therefore go to the even code. The zero point is
+  added before rounding, as compressed-tensors' _quantize does (`round(x / s + z)`): with an
+  odd zero point, round(w / s) + z would pick the other code at an exact tie (w / s = k + 1/2).
 - w / scale is a true division (not a multiply by 1/scale), again as compressed-tensors.
   Divisions by constants go through exact_div so CPU and CUDA give identical scales
   (CUDA's tensor / python-scalar multiplies by the reciprocal; compressed-tensors run on a
@@ -77,10 +79,10 @@ class IntFormat(Format):
         return QParams(round_scale(raw, self.scale_dtype), zero)
 
     def _codes(self, wg: torch.Tensor, p: QParams) -> torch.Tensor:
-        x = torch.round(wg / p.scale.unsqueeze(-1))                 # [..., G, g]
+        x = wg / p.scale.unsqueeze(-1)                              # [..., G, g]
         if p.zero is not None:
-            x = x + p.zero.unsqueeze(-1)
-        return x.clamp(self.qmin, self.qmax)
+            x = x + p.zero.unsqueeze(-1)                            # before rounding, as compressed-tensors
+        return torch.round(x).clamp(self.qmin, self.qmax)
 
     def round_with(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
         wg = groups_like(w, p.scale, self.name)                     # [..., G, g]

@@ -9,8 +9,10 @@ Spec form (REFERENCES.md):  global = amax / (6 * 448)
 We compute the same quantities in compressed-tensors' arithmetic, because its
 checkpoints store the RECIPROCAL of the global scale and decompress with a division:
 
-  weight_global_scale = (6 * 448) / amax            (CT: generate_gparam; amax clamped to
-                                                     float32 tiny, NaN/Inf -> 1.0)
+  weight_global_scale = (1 / amax) * 2688          (CT: generate_gparam's `448 * 6 / amax`,
+                                                     which torch evaluates as reciprocal times
+                                                     2688; amax clamped to float32 tiny, NaN/Inf
+                                                     -> 1.0)
   block_scale_fp8     = fp8_e4m3(clamp((amax_block / 6) * weight_global_scale, <= 448))
                         (0 -> 0.125, the fp8 eps, as CT does for empty blocks)
   effective scale     = block_scale_fp8.float() / weight_global_scale
@@ -52,7 +54,10 @@ class NVFP4Format(Format):
         mat_dims = (-2, -1) if w.dim() >= 2 else (-1,)
         amax = w.float().abs().amax(dim=mat_dims)                   # [...] one per matrix
         amax = amax.clamp(min=torch.finfo(torch.float32).tiny)
-        wgs = torch.nan_to_num(exact_rdiv(E2M1.max * FP8_MAX, amax), nan=1.0, posinf=1.0, neginf=1.0)
+        # compressed-tensors' generate_gparam writes `448 * 6 / amax`, which PyTorch evaluates as
+        # amax.reciprocal() * 2688 (Tensor.__rtruediv__): 1 ulp from the true quotient for ~25% of
+        # amax values. We take its arithmetic, so a reader that recomputes the scale gets ours.
+        wgs = torch.nan_to_num(amax.reciprocal() * (E2M1.max * FP8_MAX), nan=1.0, posinf=1.0, neginf=1.0)
         wgs_b = wgs.reshape(wgs.shape + (1,) * (len(mat_dims)))     # broadcast over [R, G]
         block = exact_div(wg.abs().amax(-1), E2M1.max) * wgs_b              # [..., R, G]
         block_fp8 = block.clamp(max=FP8_MAX).to(torch.float8_e4m3fn)

@@ -82,9 +82,9 @@ if triton is not None:
         """w rounded to the format's grid with scale s (and zero z), as the formats' round_with."""
         x = tl.div_rn(w, s)                                         # a true division, as torch's w / s
         if KIND == 0:                                               # IntFormat
-            c = _rint(x)                                   # half to even, as torch.round
             if HAS_ZERO:
-                c = c + z
+                x = x + z                                           # zero before rounding, as IntFormat
+            c = _rint(x)                                            # half to even, as torch.round
             c = tl.minimum(tl.maximum(c, QMIN), QMAX)
             if HAS_ZERO:
                 c = c - z
