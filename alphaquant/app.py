@@ -124,7 +124,8 @@ def preflight(cfg) -> None:
     A local model directory's config.json gives the vocabulary size and the maximum sequence
     length the data is checked against; a hub id is checked when the session fetches it.
     """
-    from alphaquant.data import check_sources, check_tokenizer_dir, needs_tokenizer
+    from alphaquant.data import check_calibration_memory, check_sources, check_tokenizer_dir, needs_tokenizer
+    from alphaquant.pipeline.trainer import check_wandb_online
 
     vocab_size = max_pos = None
     model_dir = cfg.model.local_dir
@@ -136,6 +137,24 @@ def preflight(cfg) -> None:
         check_tokenizer_dir(cfg.model.tokenizer or cfg.model.path,
                             "model.tokenizer" if cfg.model.tokenizer else "model.tokenizer (default: model.path)")
     check_devices(cfg.trainer)
+    hidden = _hidden_size(model_dir) if model_dir is not None else None
+    if hidden is not None:                # the windows' activations against host RAM / GPU memory
+        import torch
+        gpus = torch.cuda.device_count() if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else 0
+        gpus = min(gpus, cfg.trainer.devices) if isinstance(cfg.trainer.devices, int) and gpus else gpus
+        # free memory of GPU 0 (a CUDA context in this process: not before a ddp_fork, which forbids one)
+        free = torch.cuda.mem_get_info(0)[0] if gpus and cfg.trainer.strategy != "ddp_fork" else None
+        check_calibration_memory(cfg, hidden, gpus=gpus, gpu_free=free)
+    check_wandb_online(cfg.logging.wandb)  # credentials + a 3 s probe, not wandb.init's retries after the load
+
+
+def _hidden_size(model_dir) -> int | None:
+    """config.json's hidden_size (a multimodal config nests it in text_config); None when absent."""
+    from models.loading import read_config_dict
+
+    d = read_config_dict(model_dir)
+    h = d.get("hidden_size", (d.get("text_config") or {}).get("hidden_size"))
+    return h if isinstance(h, int) and not isinstance(h, bool) and h > 0 else None
 
 
 def check_devices(t) -> None:

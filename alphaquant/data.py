@@ -15,6 +15,7 @@ Or everything a run needs from the config at once:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from alphaquant.data_sources import (HUB_SPLITS, TOKEN_SUFFIXES, check_hub_split
                                      parse_split, split_text, split_tokens)
 from alphaquant.errors import ConfigError, DataError
 
-__all__ = ["build_windows", "calibration_windows", "check_seq_len", "check_sources", "check_tokenizer_dir",
+__all__ = ["build_windows", "calibration_windows", "check_calibration_memory", "check_seq_len", "check_sources",
+           "check_tokenizer_dir",
            "check_vocab", "eval_windows", "needs_tokenizer",
            "load_text", "load_token_file", "load_tokens", "parse_split", "split_text", "split_tokens",
            "tokenize"]
@@ -147,6 +149,71 @@ def check_tokenizer_dir(path: str, key: str = "model.tokenizer") -> None:
     if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_VOCAB_FILES):
         raise DataError(f"{key}: '{path}' holds no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES[:4])}); "
                         f"set model.tokenizer to a directory or hub id with the model's tokenizer.json")
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TOKEN_WINDOW_BYTES = 16      # int64 per token, twice: the offset index and the gathered windows
+
+
+def available_host_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, or less when a cgroup (container) limit is lower."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_calibration_memory(cfg, hidden_size: int, gpus: int = 0, gpu_free: int | None = None,
+                             host_free: int | None = None) -> None:
+    """ConfigError when calibration.num_samples x seq_len windows cannot fit, estimated before allocating.
+
+    Windows are drawn with replacement, so no data size bounds them. The walk keeps every window's
+    hidden states (num_samples x seq_len x hidden_size x dtype bytes) between the passes of a layer:
+    on the accelerator when `gpus` > 0 (each GPU holds its share; `gpu_free` = free bytes of one),
+    else in host RAM; the token windows are built in host RAM by every process. Model weights come
+    on top, so passing this is necessary, not sufficient.
+
+        check_calibration_memory(cfg, hidden_size=2048)   # 10**7 windows of 2048 tokens: ConfigError
+    """
+    cal, b = cfg.calibration, DTYPE_BYTES[cfg.model.dtype]
+    procs = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else max(gpus, 1)
+    act_window = cal.seq_len * hidden_size * b             # bytes of one window's cached hidden states
+    ids_window = cal.seq_len * TOKEN_WINDOW_BYTES * procs   # bytes of one window's token ids, all processes
+    acts, ids = cal.num_samples * act_window, cal.num_samples * ids_window
+    what = (f"calibration.num_samples {cal.num_samples} x calibration.seq_len {cal.seq_len} windows need "
+            f"{_gib(acts)} for their cached {cfg.model.dtype} activations ({cal.num_samples} x {cal.seq_len} x "
+            f"hidden_size {hidden_size} x {b} bytes)")
+    host_free = available_host_memory() if host_free is None else host_free
+    host_window = ids_window + (0 if gpus else act_window)
+    if host_free is not None and cal.num_samples * host_window > host_free:
+        need = (f"{what} and {_gib(ids)} for their token ids, {_gib(cal.num_samples * host_window)} of host RAM "
+                f"in all" if not gpus else f"{what.split(' need ')[0]} need {_gib(ids)} of host RAM for their "
+                f"token ids ({procs} process(es) x {cal.num_samples} x {cal.seq_len} x {TOKEN_WINDOW_BYTES} bytes)")
+        raise ConfigError(f"{need}, but only {_gib(host_free)} is available; lower "
+                          f"calibration.num_samples (about {host_free // host_window:,} windows of this seq_len "
+                          f"fit) or calibration.seq_len")
+    if gpus and gpu_free is not None and acts / gpus > gpu_free:
+        raise ConfigError(f"{what}, {_gib(acts / gpus)} on each of {gpus} GPU(s), but only {_gib(gpu_free)} "
+                          f"of GPU memory is free; lower calibration.num_samples (about "
+                          f"{gpu_free * gpus // act_window:,} windows of this seq_len fit) or "
+                          f"calibration.seq_len, or use more GPUs")
 
 
 def check_sources(cfg, vocab_size: int | None = None, max_pos: int | None = None) -> None:

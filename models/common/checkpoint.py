@@ -94,6 +94,10 @@ class CheckpointReader:
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file or self._fused_source(key) is not None
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of `key`, from the file's header (no data read)."""
+        return tuple(self._handle(self.key_to_file[key]).get_slice(key).get_shape())
+
     def _handle(self, path: Path):
         if path not in self._handles:  # keep files open: re-parsing a large shard header per tensor is slow
             try:
