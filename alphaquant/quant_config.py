@@ -11,6 +11,13 @@
 `wq: NAME/G` is shorthand for `wq: NAME, group_size: G`. `group_size: -1` means one scale per
 output row (per channel). Patterns are `fnmatch` globs on full module names; `alphaquant.recipe`
 resolves them against the model's modules.
+
+Block sizes: a rule that names a format with a block size fixed by its spec and no group size
+gets that block (MX formats 32, NVFP4 16, fp8_e4m3 one scale per row: STANDARD_BLOCK); integer
+formats keep the group size the module has (128 from quant.default unless a rule changed it).
+Any other block for those formats has no compressed-tensors layout: it is refused unless
+`quant.nonstandard_blocks: true`, which writes those modules in the alphaquant-packed layout
+(only alphaquant.export.load_quantized reads it).
 """
 from __future__ import annotations
 
@@ -29,6 +36,12 @@ _WQ_FALLBACK = ("int2", "int3", "int4", "int5", "int6", "int7", "int8",
 AQ_NAMES = ("bf16", "fp16", "none", "fp8_e4m3", "mxfp8", "mxfp6", "mxfp4", "int8")
 AqName = Literal["bf16", "fp16", "none", "fp8_e4m3", "mxfp8", "mxfp6", "mxfp4", "int8"]
 RULE_FIELDS = ("wq", "aq", "group_size", "sym", "skip")
+
+# The block every reader of compressed-tensors checkpoints knows for these formats (OCP MX v1.0:
+# 32; NVFP4: 16; FP8 E4M3: per channel). Formats not listed (int*) take any group size.
+STANDARD_BLOCK = {"mxfp4": 32, "mxfp6": 32, "mxfp6_e2m3": 32, "mxfp6_e3m2": 32, "mxfp8": 32, "mxfp8_e4m3": 32,
+                  "mxfp8_e5m2": 32, "mxint8": 32, "nvfp4": 16, "fp8_e4m3": -1}
+INT_DEFAULT_GROUP = 128
 
 
 def weight_format_names() -> tuple[str, ...]:
@@ -70,13 +83,13 @@ class QuantRule:
 
     wq: str = "int4"               # weight format (see weight_format_names) or NAME/GROUP
     aq: AqName = "bf16"            # activation format
-    group_size: int | None = None  # elements per scale; -1 = per row; null = from wq shorthand, else 128
+    group_size: int | None = None  # elements per scale; -1 = per row; null = the format's block (128 for int)
     sym: bool = True               # symmetric (no zero point); only integer formats have a choice
     skip: bool = False             # keep the module's original weights
 
     def check(self, path: str) -> None:
         self.wq, g = split_wq(self.wq, self.group_size, path)
-        self.group_size = 128 if g is None else g
+        self.group_size = STANDARD_BLOCK.get(self.wq, INT_DEFAULT_GROUP) if g is None else g
         check_group_size(path, self.group_size)
 
 
@@ -115,6 +128,9 @@ class QuantOverride:
 class QuantConfig:
     default: QuantRule = field(default_factory=QuantRule)
     overrides: list[QuantOverride] = field(default_factory=list)   # in order; later rules win
+    # true: accept MX blocks other than 32, NVFP4 other than 16, grouped fp8_e4m3; such modules are
+    # written alphaquant-packed (no compressed-tensors layout exists: transformers and vLLM refuse them)
+    nonstandard_blocks: bool = False
 
     def __post_init__(self):
         if self.default.group_size is None:          # built in code, not from YAML

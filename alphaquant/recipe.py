@@ -11,6 +11,10 @@ every pattern matches some module, every group size divides its module's in_feat
     format_counts(specs)                          # {"mxfp4/g32": 1, "skip": 2}
     for row in plan_table(specs): print(row)      # layer/expert indices collapsed to '*'
 
+Block sizes: a rule naming MX / NVFP4 / fp8_e4m3 without a group size gets the format's own block
+(32 / 16 / per row, quant_config.STANDARD_BLOCK); integer formats keep the module's group size. A
+non-standard block for one of those formats is refused unless `quant.nonstandard_blocks: true`.
+
 Glob notes: `*.mlp.gate` matches `model.layers.3.mlp.gate` but not `...mlp.gate_proj`;
 `*` also crosses dots, so `*.experts.*` matches every expert projection of every layer.
 """
@@ -24,7 +28,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from alphaquant.errors import ConfigError
-from alphaquant.quant_config import RULE_FIELDS, QuantConfig, QuantOverride, QuantRule, check_group_size, split_wq
+from alphaquant.quant_config import (INT_DEFAULT_GROUP, RULE_FIELDS, STANDARD_BLOCK, QuantConfig, QuantOverride,
+                                     QuantRule, check_group_size, split_wq)
 
 IDENTITY_FORMATS = ("bf16", "fp16")        # weights kept as they are: no groups, no GPTQ
 
@@ -60,7 +65,7 @@ class QuantSpec:
 
 def _default_fields(rule: QuantRule) -> dict:
     wq, g = split_wq(rule.wq, rule.group_size, "quant.default")   # accepts rules built in code
-    g = 128 if g is None else g
+    g = STANDARD_BLOCK.get(wq, INT_DEFAULT_GROUP) if g is None else g
     check_group_size("quant.default", g)
     return {"wq": wq, "aq": rule.aq, "group_size": g, "sym": rule.sym, "skip": rule.skip}
 
@@ -70,7 +75,10 @@ def _override_fields(o: QuantOverride, path: str) -> dict:
         raise ConfigError(f"{path}.pattern is required: a glob on module names such as '*.mlp.experts.*'")
     o = QuantOverride(**{k: getattr(o, k) for k in ("pattern",) + RULE_FIELDS})
     o.check(path)                                                   # empty / conflicting rules
-    return o.fields_set()
+    fields = o.fields_set()
+    if "wq" in fields and "group_size" not in fields and fields["wq"] in STANDARD_BLOCK:
+        fields["group_size"] = STANDARD_BLOCK[fields["wq"]]        # the format's block, never inherited
+    return fields
 
 
 def resolve_recipe(quant_cfg: QuantConfig, modules: list[tuple[str, int, int]]) -> dict[str, QuantSpec]:
@@ -101,9 +109,28 @@ def resolve_recipe(quant_cfg: QuantConfig, modules: list[tuple[str, int, int]]) 
             src = set_by[name]["group_size"]
             raise ConfigError(f"group_size {g} (set by {src}) does not divide in_features {in_f} of "
                               f"module {name!r}; use a divisor of {in_f} or -1 (one group per row)")
+        if spec.quantized and not getattr(quant_cfg, "nonstandard_blocks", False):
+            _check_standard_block(spec, name, set_by[name])
         specs[name] = spec
     check_formats(specs)
     return specs
+
+
+def _block_text(g: int) -> str:
+    return "one scale per row (group_size -1)" if g == -1 else f"blocks of {g}"
+
+
+def _check_standard_block(spec: QuantSpec, name: str, set_by: dict) -> None:
+    """A fixed-block format with another block size has no compressed-tensors layout: refuse it."""
+    std = STANDARD_BLOCK.get(spec.wq)
+    if std is None or spec.group_size == std:
+        return
+    raise ConfigError(
+        f"{spec.wq} with group_size {spec.group_size} (set by {set_by['group_size']}) for module {name!r} is not "
+        f"a block size that compressed-tensors readers (transformers, vLLM) support: {spec.wq} uses "
+        f"{_block_text(std)}. Use wq: {spec.wq}"
+        f"{'' if std == -1 else f'/{std}'} (or leave group_size out), or set quant.nonstandard_blocks: true to write "
+        f"such modules in the alphaquant-packed layout, which only alphaquant.export.load_quantized reads")
 
 
 def build_format(spec: QuantSpec):

@@ -27,8 +27,9 @@ def fake_moe(layers=2, experts=2, hidden=256, inter=128):
     return mods + [("lm_head", hidden, 1000)]
 
 
-def quant(*overrides, **default) -> QuantConfig:
-    return QuantConfig(default=QuantRule(**default), overrides=[QuantOverride(**o) for o in overrides])
+def quant(*overrides, nonstandard_blocks=False, **default) -> QuantConfig:
+    return QuantConfig(default=QuantRule(**default), overrides=[QuantOverride(**o) for o in overrides],
+                       nonstandard_blocks=nonstandard_blocks)
 
 
 def test_later_rules_win_field_by_field():
@@ -36,7 +37,8 @@ def test_later_rules_win_field_by_field():
               {"pattern": "*.down_proj", "group_size": 64},       # keeps mxfp4 from the rule before
               {"pattern": "model.layers.1.*", "sym": False},      # touches attention and experts alike
               {"pattern": "*.mlp.gate", "skip": True},
-              {"pattern": "lm_head", "wq": "int8", "group_size": -1, "aq": "fp8_e4m3"})
+              {"pattern": "lm_head", "wq": "int8", "group_size": -1, "aq": "fp8_e4m3"},
+              nonstandard_blocks=True)                            # mxfp4/64: alphaquant-packed, asked for
     specs = resolve_recipe(q, fake_moe())
     o = [f"quant.overrides[{i}] ('{p}')" for i, p in enumerate(
         ["*.mlp.experts.*", "*.down_proj", "model.layers.1.*", "*.mlp.gate", "lm_head"])]
@@ -217,7 +219,7 @@ def test_shipped_recipes_resolve_on_real_module_names(fname):
         elif ".experts." in name and not (fname == "mixtral.yaml" and leaf == "w2"):
             assert (s.wq, s.group_size) == ("mxfp4", 32), name       # routed experts
         elif ".shared_expert" in name:
-            assert (s.wq, s.group_size) == ("mxfp6", 64), name
+            assert (s.wq, s.group_size) == ("mxfp6", 32), name       # the OCP MX block: servable
         else:
             assert s.wq == "int4" and not s.skip, name               # attention, dense MLP, Mixtral w2
             assert s.group_size == (64 if name == "model.layers.0.mlp.down_proj" else 128), name

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from alphaquant.formats import ALIASES
 from alphaquant.formats.base import QParams, QTensor
 from alphaquant.formats.mx import MXFormat
 from alphaquant.formats.packing import pack_bits, unpack_bits
@@ -64,7 +65,7 @@ def layout_of(spec, act_order: bool = False) -> Layout:
     act_order: the module's columns were grouped by a non-trivial g_idx (GPTQ act_order
     without static groups); stored as weight_g_idx, the pre-0.20 compressed-tensors form.
     """
-    wq, g = spec.wq, spec.group_size
+    wq, g = ALIASES.get(spec.wq, spec.wq), spec.group_size          # "mxfp6" is mxfp6_e2m3, "mxfp8" mxfp8_e4m3
     if wq.startswith("int"):
         args = _args(int(wq[3:]), "int", g, symmetric=spec.sym)
         if act_order:
@@ -94,7 +95,7 @@ def layout_of(spec, act_order: bool = False) -> Layout:
 
 def _aq_args(spec) -> dict:
     """The closest QuantizationArgs for an AlphaQuant-only format (informative: num_bits, type, group)."""
-    bits = {"mxfp4": 4, "nvfp4": 4, "mxfp6_e2m3": 6, "mxfp6_e3m2": 6}.get(spec.wq, 8)
+    bits = {"mxfp4": 4, "nvfp4": 4, "mxfp6": 6, "mxfp6_e2m3": 6, "mxfp6_e3m2": 6}.get(spec.wq, 8)
     type_ = "int" if spec.wq.startswith("int") or spec.wq == "mxint8" else "float"
     return _args(bits, type_, spec.group_size, symmetric=spec.sym or not spec.wq.startswith("int"))
 
