@@ -123,3 +123,22 @@ def test_aliases():
     assert get_format("mxfp6").name == "mxfp6_e2m3"
     assert get_format("mxfp8").name == "mxfp8_e4m3"
     assert get_format("mxfp6", group_size=64).group_size == 64
+
+
+@pytest.mark.parametrize("name", list(EMAX))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_activation_block_is_nan_when_unchecked(name, bad):
+    """check_finite=False (activations): a NaN/Inf makes its block's scale 0xFF and all 32 values NaN
+    (OCP MX: a NaN scale; microxcaling and torchao alike), never a finite scale with zeroed neighbours;
+    the other blocks are what they are when quantized alone."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2, 96, generator=g)
+    w[1, 40] = bad
+    fmt = get_format(name, check_finite=False)
+    p = fmt.params(w)
+    assert p.extra["scale_e8m0"][1, 1].item() == 0xFF
+    out = fmt.round_with(w, p)
+    assert torch.isnan(out[1, 32:64]).all()
+    alone = get_format(name).fake_quantize(torch.cat([w[1, :32], w[1, 64:]])[None])
+    assert torch.equal(torch.cat([out[1, :32], out[1, 64:]])[None], alone)
+    assert torch.equal(out[0], get_format(name).fake_quantize(w[:1])[0])

@@ -5,7 +5,8 @@ shares one E8M0 scale X = 2^s, stored as the uint8 code s + 127 (0xFF = NaN):
 
   scale_mode="floor" (spec): s = floor(log2(amax)) - emax_elem
   scale_mode="ceil":         the smallest s with amax / 2^s <= max_elem (never clips)
-  s is clamped to the E8M0 range [-127, 127]; amax == 0 gives s = -127 (code 0).
+  s is clamped to the E8M0 range [-127, 127]; amax == 0 gives s = -127 (code 0); a block holding
+  a NaN or Inf (only possible with check_finite=False) gets code 0xFF: the whole block is NaN.
   elements = round(v / X) to the element grid, ties to even, saturating at +-max.
 
 emax_elem / max: E2M1 2 / 6, E2M3 2 / 7.5, E3M2 4 / 28, E4M3 8 / 448, E5M2 15 / 57344,
@@ -59,7 +60,11 @@ class MXFormat(Format):
     def params(self, w: torch.Tensor) -> QParams:
         self.ensure_finite(w)
         amax = self.split_groups(w).abs().amax(-1)                  # [..., G]
-        return self.params_from_e8m0((self.shared_exponent(amax) + E8M0_BIAS).to(torch.uint8))
+        codes = (self.shared_exponent(amax) + E8M0_BIAS).to(torch.uint8)
+        # a NaN (or Inf) in a block makes its scale NaN (0xFF) and so the whole block NaN, as the OCP
+        # spec, microxcaling and torchao do; reached only with check_finite=False (activations)
+        codes = torch.where(torch.isfinite(amax), codes, torch.full_like(codes, E8M0_NAN))
+        return self.params_from_e8m0(codes)
 
     @staticmethod
     def params_from_e8m0(codes: torch.Tensor) -> QParams:
