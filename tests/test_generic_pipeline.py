@@ -1,0 +1,196 @@
+"""The generic path end to end through the calibration session on tiny transformers models (CPU, seconds each).
+
+References: transformers' own forward (routing as its experts receive it, tokens per expert, logits of the
+checkpoint transformers loads back), and round-to-nearest with the same recipe (GPTQ must beat it).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from alphaquant.recipe import build_format
+from pipeline_utils import run_session, write_config
+from test_generic_models import hf_reference, make_hf_checkpoint
+
+E2E = ["qwen3_moe", "deepseek_v3", "llama", "gpt_oss"]
+# int4 everywhere: compressed-tensors decompresses int4 to the model dtype (fp32 here), so the checkpoint
+# transformers loads back holds exactly our weights
+QUANT = {"default": {"wq": "int4", "group_size": 32}, "overrides": [{"pattern": "lm_head", "skip": True}]}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generic")
+    return root, tiny.write_corpus(root), {}
+
+
+def run(work, model_type, **sections):
+    root, corpus, cache = work
+    key = (model_type, repr(sorted(sections.items())))
+    if key not in cache:
+        d = root / model_type
+        if not d.exists():
+            make_hf_checkpoint(model_type, d)
+        out = root / f"out-{len(cache)}"
+        sections = {"quant": QUANT, "eval": {"rtn": True}, "output": {"save": True, "dir": str(out)}, **sections}
+        cache[key] = (run_session(write_config(root / f"{len(cache)}.yaml", d, corpus, **sections)), d, out)
+    return cache[key]
+
+
+def expert_modules(model):
+    """(layer index, transformers experts module) of a transformers model."""
+    from models.hf_experts import is_experts_module
+    return [(i, m) for i, layer in enumerate(model.model.layers) for m in layer.modules() if is_experts_module(m)]
+
+
+def reference_routing(hf, ids):
+    """{layer: (top_k_index, top_k_weights)} as transformers' experts receive them on a forward of ids."""
+    seen = {}
+
+    def hook(i):
+        def pre(_m, args, kwargs):
+            seen[i] = [t for t in list(args[1:]) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        return pre
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in expert_modules(hf)]
+    with torch.no_grad():
+        hf(ids)
+    for h in handles:
+        h.remove()
+    return {i: (idx, w) if not idx.is_floating_point() else (w, idx) for i, (idx, w) in seen.items()}
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_route_hook_sees_the_routing_transformers_applies(model_type, work):
+    """Our route hook point, on our layer-by-layer model, against the arguments transformers' own experts
+    forward is called with in transformers' own full model (softmax / sigmoid + bias + group top-k + scaling)."""
+    from models import hf_backend
+    root = work[0]
+    d = root / f"{model_type}-route"
+    make_hf_checkpoint(model_type, d, tokenizer=False)
+    ours = hf_backend.from_pretrained(d, dtype="float32", lazy=False)
+    seen = {}
+    for i, layer in enumerate(ours.model.layers):
+        for name, m in layer.named_modules():
+            if name.endswith("experts.route"):
+                m.register_forward_hook(lambda _m, _a, out, i=i: seen.setdefault(i, out))
+    ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours(ids)
+    ref = reference_routing(hf_reference(d), ids)
+    assert set(seen) == set(ref) and ref
+    for i in ref:
+        torch.testing.assert_close(seen[i][0], ref[i][0], rtol=0, atol=0)
+        torch.testing.assert_close(seen[i][1], ref[i][1], rtol=1e-5, atol=1e-6)
+    if model_type == "deepseek_v3":      # the scaling factor is in the weights as applied
+        w = ref[1][1].sum(-1)
+        torch.testing.assert_close(w, torch.full_like(w, 2.5), rtol=1e-5, atol=1e-5)
+
+
+# GPT-OSS stores its experts fused on disk (no per-expert conversion in transformers), and our writer
+# writes per-expert linears: transformers cannot load that checkpoint (a known gap, see the README)
+LOADABLE = ["qwen3_moe", "deepseek_v3", "llama"]
+
+
+def quantized_in_transformers(s, d, out, model_type):
+    """transformers' own model holding our quantized weights: loaded from our checkpoint where transformers
+    reads it, else transformers' fp model with our weights copied in (experts fused back per their layout)."""
+    if model_type in LOADABLE:
+        return hf_reference(out)
+    hf = hf_reference(d)
+    ours = dict(s.model.named_parameters())
+    with torch.no_grad():
+        for i, layer in enumerate(s.model.model.layers):
+            for path, layout in s.model.experts[i].items():
+                prefix = f"model.layers.{i}.{path}."
+                split = {k[len(prefix):]: v for k, v in ours.items() if k.startswith(prefix)}
+                E = s.model.model.layers[i].get_submodule(path).num_experts
+                for name, t in layout.fuse(split, E).items():
+                    hf.get_parameter(prefix + name).copy_(t)
+        for k, p in hf.named_parameters():
+            if k in ours:
+                p.copy_(ours[k])
+    return hf
+
+
+@pytest.mark.parametrize("model_type", E2E)
+def test_every_expert_calibrated_token_counts(model_type, work):
+    """Every expert has a Hessian (tokens > 0, no fallback) and its token count equals the count made here
+    with transformers' own model holding our quantized weights (so deeper layers see the quantized earlier
+    ones, as in calibration)."""
+    s, d, out = run(work, model_type)
+    recs = s.results["records"]
+    assert not s.results["fallbacks"]
+    calib = s.windows["calib"]
+    hf = quantized_in_transformers(s, d, out, model_type)
+    ref_counts = {}
+    with torch.no_grad():
+        for b in range(0, calib.shape[0], 2):
+            for i, (idx, _w) in reference_routing(hf, calib[b:b + 2]).items():
+                E = next(m for j, m in expert_modules(hf) if j == i).down_proj.shape[0]
+                ref_counts[i] = ref_counts.get(i, 0) + torch.bincount(idx.reshape(-1), minlength=E)
+    if model_type == "llama":
+        assert not ref_counts and s.adapter.family == "standard"
+        assert all(r.tokens == calib.numel() for r in recs.values())
+        return
+    assert ref_counts
+    for i, counts in ref_counts.items():
+        for e, n in enumerate(counts.tolist()):
+            names = [k for k in recs if k.startswith(f"model.layers.{i}.") and f".experts.{e}." in k]
+            assert len(names) == 3, names
+            for k in names:
+                assert recs[k].tokens == n > 0, (k, recs[k].tokens, n)
+
+
+@pytest.mark.parametrize("model_type", E2E)
+def test_gptq_beats_rtn(model_type, work):
+    """Perplexity after GPTQ below round-to-nearest's (same recipe), and on layer 0's first group (its inputs
+    are the fp embeddings, so the Hessian is computed here) GPTQ's output error below RTN's per linear."""
+    s, d, _ = run(work, model_type)
+    ppl = s.results["perplexity"]
+    # random tiny models: quantization noise may move perplexity either way, so "closer to the original"
+    assert abs(ppl["quantized"] - ppl["original"]) < abs(ppl["rtn"] - ppl["original"]), ppl
+    hf = hf_reference(d)
+    layer0 = hf.model.layers[0]
+    group = s.adapter.sequential_groups(s.model.model.layers[0])[0]
+    xs = []
+    h = layer0.get_submodule(group[0]).register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for b in range(0, s.windows["calib"].shape[0], 2):
+            hf(s.windows["calib"][b:b + 2])
+    h.remove()
+    X = torch.cat(xs).double()
+    H = X.T @ X
+    for name in group:
+        W = layer0.get_submodule(name).weight.double()
+        Q = s.model.model.layers[0].get_submodule(name).weight.double()
+        R = build_format(s.specs[f"model.layers.0.{name}"]).fake_quantize(W.float()).double()
+        err = lambda A: torch.trace((A - W) @ H @ (A - W).T)  # noqa: E731
+        assert err(Q) < err(R), name
+
+
+@pytest.mark.parametrize("model_type", LOADABLE)
+def test_checkpoint_loads_in_transformers(model_type, work):
+    """The compressed-tensors checkpoint loads in transformers (no missing/unexpected keys) with our logits."""
+    import transformers
+    s, _, out = run(work, model_type)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = s.model(ids), hf(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_gpt_oss_quantized_forward_matches_transformers(work):
+    """GPT-OSS (interleaved gate/up, clamped SwiGLU, expert biases kept in full precision, sliding-window
+    layers): our quantized model against transformers' forward with the same weights fused back."""
+    s, d, out = run(work, "gpt_oss")
+    hf = quantized_in_transformers(s, d, out, "gpt_oss")
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = s.model(ids), hf(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    fp = hf_reference(d)
+    for k in ("model.layers.0.mlp.experts.gate_up_proj_bias", "model.layers.1.mlp.experts.down_proj_bias"):
+        assert torch.equal(hf.get_parameter(k), fp.get_parameter(k)), k     # biases not quantized
