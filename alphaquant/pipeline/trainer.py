@@ -159,8 +159,73 @@ def cluster_plugins() -> list:
     return [LightningEnvironment()]
 
 
+class FiniteEvaluation(L.Callback):
+    """UserError as soon as an evaluation stream holds NaN/Inf, naming where: the decoder layer whose
+    outputs went non-finite (a propagate pass) or the head (its logits, or a perplexity that overflows).
+
+    Without it a NaN went on to the end of the run and into the summary as "perplexity nan", after the
+    checkpoint was written. The calibration stream needs no check here: callbacks/solve.py refuses
+    non-finite activations before the next layer's solve. The walker propagates every stream once per
+    decoder layer, in order, so the k-th propagate pass of a stream is layer k. Flags stay on the
+    device until the end of a pass (one host sync per pass), and are reduced over DDP ranks.
+    """
+
+    STREAMS = {"eval_fp": "original", "eval_q": "quantized", "eval_rtn": "round-to-nearest"}
+
+    def __init__(self, dtype: str = "the model dtype"):
+        self.dtype = dtype                        # model.dtype, for the message
+        self._passes: dict[str, int] = {}        # stream -> propagate passes so far (= the next layer index)
+        self._bad = None                          # device bool: a non-finite value in this pass
+
+    def _watch(self, runner) -> bool:
+        return runner.plan.stream in self.STREAMS and runner.plan.phase in ("propagate", "head")
+
+    def on_predict_start(self, trainer, runner):
+        self._bad = None
+
+    def on_predict_batch_end(self, trainer, runner, outputs, batch, batch_idx, dataloader_idx=0):
+        import torch
+        if not self._watch(runner):
+            return
+        if runner.plan.phase == "head":
+            tensors = [outputs["logits"]]
+        else:
+            store = runner.stores[runner.plan.stream]
+            tensors = [store.hidden[int(i)] for i in outputs["idx"]]
+        norms = torch.stack([torch.linalg.vector_norm(t, float("inf")).float() for t in tensors])
+        bad = ~torch.isfinite(norms).all()
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def on_predict_end(self, trainer, runner):
+        if not self._watch(runner):
+            return
+        from alphaquant.errors import UserError
+        plan = runner.plan
+        layer = self._passes.get(plan.stream, 0)
+        if plan.phase == "propagate":
+            self._passes[plan.stream] = layer + 1
+        local = self._bad is not None and bool(self._bad)
+        self._bad = None
+        what = f"the {self.STREAMS[plan.stream]} model's"
+        if trainer.strategy.reduce_boolean_decision(local, all=False):
+            where = (f"outputs of decoder layer {layer} (model.layers.{layer})" if plan.phase == "propagate" else
+                     "logits, made in the head (model.norm + lm_head: every decoder layer's outputs were finite),")
+            fix = ("they overflow even in float32: check the checkpoint's weights" if self.dtype == "float32" else
+                   f"they overflow in model.dtype {self.dtype}: set model.dtype to float32, or check the weights")
+            raise UserError(f"{what} {where} hold NaN or Inf on the evaluation windows (eval.dataset), so its "
+                            f"perplexity is undefined; {fix}")
+        if plan.phase == "head":
+            import math
+            for cb in trainer.callbacks:
+                ppl = getattr(cb, "results", {}).get(plan.stream) if type(cb).__name__ == "PerplexityCallback" else None
+                if ppl is not None and not math.isfinite(ppl):
+                    raise UserError(f"{what} perplexity overflows ({ppl}) although its logits are finite: its mean "
+                                    f"next-token loss on eval.dataset is too large for exp(); check the weights")
+
+
 def build_trainer(cfg, callbacks: list, loggers: list) -> L.Trainer:
     t = cfg.trainer
+    callbacks = [*callbacks, FiniteEvaluation(cfg.model.dtype)]    # after PerplexityCallback, so it sees its result
     trainer = L.Trainer(
         accelerator=trainer_accelerator(t.accelerator), devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         inference_mode=False,          # tensors made under inference mode could not be updated later
