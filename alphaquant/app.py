@@ -37,8 +37,13 @@ def parse_cli(argv):
 def main(argv=None) -> int:
     args, rest = parse_cli(sys.argv[1:] if argv is None else argv)
     state: dict = {}
+    from alphaquant.pipeline.signals import RunInterrupted, stop_on_signals
     try:
-        return run(args, rest, state)
+        with stop_on_signals():
+            return run(args, rest, state)
+    except RunInterrupted as e:
+        print(f"{e}: {_interrupted_state(state)}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         return _fail(str(e), e.exit_code)
     except OSError as e:
@@ -53,6 +58,20 @@ def main(argv=None) -> int:
         if _is_model_input_error(e):
             return _fail(str(e))
         raise
+
+
+def _interrupted_state(state: dict) -> str:
+    """What an interrupted run leaves, in words: the resume state and how to use it, or nothing."""
+    out = state.get("out_dir")
+    if out is None or not state.get("resume"):
+        return "nothing was saved"
+    from alphaquant.pipeline.resume import saved_layers
+    from pathlib import Path
+    n, where = saved_layers(Path(out))
+    if not n:
+        return f"no layer was finished, nothing was saved to output.dir '{out}'"
+    return (f"layers 0-{n - 1} are kept in {where}; no partial checkpoint was left in output.dir '{out}'; "
+            f"run the same command again to resume from layer {n}")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -84,6 +103,7 @@ def run(args, rest, state: dict | None = None) -> int:
         cfg.output.overwrite = True
     if cfg.output.save:
         state["out_dir"] = cfg.output.dir
+        state["resume"] = cfg.output.resume and not args.eval_only
     if args.eval_only:
         from alphaquant.pipeline.evaluate import evaluate_checkpoint
         check_devices(cfg.trainer)

@@ -135,11 +135,11 @@ def test_a_failed_background_write_is_raised_at_the_next_layer(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(resume, "save_file", full_disk)
-    state = resume.ResumeState(tmp_path / "out", "fp")
+    state = resume.ResumeState(tmp_path / "out", {"config": "fp"})
     state.save_layer(0, {"w": torch.ones(2)}, {})            # returns: the write runs behind
-    with pytest.raises(OSError) as info:
+    with pytest.raises(resume.ResumeWriteError) as info:     # a UserError: one sentence, exit 2
         state.save_layer(1, {"w": torch.ones(2)}, {})
-    assert info.value.errno == errno.ENOSPC
+    assert os.strerror(errno.ENOSPC) in str(info.value) and "output.resume: false" in str(info.value)
     assert state.layers_done == 0 and not (state.dir / "state.json").exists()
     state.clear()
     assert not state.dir.exists()

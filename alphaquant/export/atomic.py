@@ -84,12 +84,22 @@ def recover_interrupted_swap(path: Path) -> str | None:
     return done
 
 
-def _mode_from_umask(path: Path) -> None:
-    """mkdtemp makes 0700: give the directory the mode a plain mkdir would (0777 less the umask),
-    so a serving account can read the checkpoint."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+    return umask
+
+
+def _modes_from_umask(root: Path) -> None:
+    """mkdtemp makes 0700 and safetensors writes its files 0600: give the checkpoint the modes a plain
+    mkdir and open would (0777 / 0666 less the umask), so a serving account can read it."""
+    umask = _umask()
+    os.chmod(root, 0o777 & ~umask)
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(d, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o666 & ~umask)
 
 
 class AtomicDir:
@@ -110,13 +120,13 @@ class AtomicDir:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.path)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.path)}{_owner()}-", dir=self.path.parent))
-        _mode_from_umask(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        _modes_from_umask(self.tmp)
         if self.path.exists():
             ok, held = replaceable(self.path) if self.path.is_dir() else (False, "a file")
             if not self.overwrite or not ok:     # appeared (or changed) while we worked

@@ -81,8 +81,11 @@ def build_and_walk(session, writer_factory) -> dict:
             # the last shard is written while the plots are drawn (disk vs. matplotlib)
             tensors = pool.submit(writer.finish_tensors) if writer is not None else None
             if rank0 and plots_dir(session, tmp) is not None:
-                results["plots"] = {k: str(v) for k, v in save_plots(results, plots_dir(session, tmp)).items()}
-                log_plots(loggers, results["plots"])
+                drawn = save_plots(results, plots_dir(session, tmp))
+                log_plots(loggers, {k: str(v) for k, v in drawn.items()})
+                # the summary names where the plots will be once the temporary directory is renamed into place
+                results["plots"] = {k: str(out / v.relative_to(tmp)) if tmp is not None else str(v)
+                                    for k, v in drawn.items()}
             stages["plots"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             if tensors is not None:
@@ -116,10 +119,21 @@ def _resume_state(session, rank0, writes):
 
 @contextlib.contextmanager
 def _clear_on_user_error(resume):
-    """A user error (bad data, NaN weights) will recur on a rerun: its partial state is no use."""
+    """A user error (bad data, NaN weights) will recur on a rerun: its partial state is no use. A state
+    that could not be written, or a run stopped by a signal, keeps what is on disk for the rerun
+    (the layer write in flight is finished first, so the last finished layer is kept too)."""
     from alphaquant.errors import UserError
+    from alphaquant.pipeline.resume import ResumeWriteError
+    from alphaquant.pipeline.signals import RunInterrupted
     try:
         yield
+    except RunInterrupted:
+        if resume is not None:
+            with contextlib.suppress(Exception):
+                resume.wait()
+        raise
+    except ResumeWriteError:
+        raise
     except UserError:
         if resume is not None:
             resume.clear()

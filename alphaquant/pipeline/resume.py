@@ -36,7 +36,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_VERSION = 3          # 2: compressed tensors instead of dequantized weights; 3: records as JSON + safetensors
+from alphaquant.errors import UserError
+
+# 2: compressed tensors instead of dequantized weights; 3: records as JSON + safetensors;
+# 4: fingerprint by part (weights, tokenizer, data), a sha256 per layer file verified before replay
+STATE_VERSION = 4
 RECORD = "record/"         # key prefix of the records' tensors in a layer's safetensors file
 
 
@@ -45,23 +49,78 @@ def resume_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.resume"
 
 
-def fingerprint(cfg) -> str:
-    """Hash of everything that decides the quantized weights (not eval, logging, output, trainer)."""
+def saved_layers(out_dir: Path) -> tuple[int, Path]:
+    """(layers a resume state beside out_dir holds, its directory): 0 when there is none or it is unreadable."""
+    d = resume_dir(out_dir)
+    try:
+        return int(json.loads((d / "state.json").read_text()).get("layers_done", 0)), d
+    except (OSError, ValueError, AttributeError):
+        return 0, d
+
+
+def fingerprint(cfg) -> dict[str, str]:
+    """Hashes of everything that decides the quantized weights, by part, so a mismatch can say what changed.
+
+    config: the model/calibration/quant/gptq sections and the seed (not eval, logging, output, trainer);
+    weights: every weight file of a local model directory by name, size, mtime and safetensors header
+    (cheap: no tensor data is read; a rewritten or replaced file changes its mtime or header);
+    tokenizer and data: the tokenizer files' and the calibration file's bytes.
+    """
     d = cfg.to_dict()
     keep = {k: d[k] for k in ("model", "calibration", "quant", "gptq", "seed")}
     keep["calibration"] = {k: v for k, v in keep["calibration"].items() if k not in ("batch_size", "min_tokens_warn")}
     keep["version"] = STATE_VERSION
+    parts = {"config": _digest(json.dumps(keep, sort_keys=True, default=str).encode())}
     model_dir = cfg.model.local_dir
-    if model_dir is not None and (model_dir / "config.json").is_file():
-        keep["model_config"] = (model_dir / "config.json").read_text()
+    if model_dir is not None:
+        parts["weights"] = _weights_signature(model_dir)
+    tok = Path(cfg.model.tokenizer or cfg.model.path)
+    if tok.is_dir():
+        parts["tokenizer"] = _files_digest(sorted(p for p in tok.iterdir() if p.name in _TOKENIZER_FILES))
     data = Path(cfg.calibration.dataset)
     if data.is_file():                        # the data itself, not only its name
-        h = hashlib.sha256()
-        with data.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-        keep["data"] = h.hexdigest()
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        parts["data"] = _files_digest([data])
+    return parts
+
+
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                    "tokenizer.model", "added_tokens.json"}
+_PART_WORDS = {"config": "the model, calibration, recipe, GPTQ or seed settings", "weights": "the model's weight files",
+               "tokenizer": "the tokenizer files", "data": "the calibration data file", "version": "the state format"}
+
+
+def _digest(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_digest(paths) -> str:
+    return _digest(json.dumps([(p.name, _file_sha(p)) for p in paths]).encode())
+
+
+def _weights_signature(model_dir: Path) -> str:
+    """Name, size, mtime and (for safetensors) the header of each weight file: ~1 ms per shard."""
+    sig = []
+    for p in sorted(model_dir.iterdir()):
+        if not (p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
+                or p.name == "config.json"):
+            continue
+        st = p.stat()
+        entry = [p.name, st.st_size, st.st_mtime_ns]
+        if p.suffix == ".safetensors":
+            with p.open("rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                entry.append(_digest(f.read(min(n, 100 << 20))))
+        sig.append(entry)
+    return _digest(json.dumps(sig).encode())
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -70,24 +129,67 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+class ResumeWriteError(UserError):
+    """The resume state could not be written (disk full, permission, a file in its place)."""
+
+
 class ResumeState:
     """The resume directory of one run; `layers_done` is 0 for a fresh run."""
 
-    def __init__(self, out_dir, fp: str, *, writer: bool = True):
+    def __init__(self, out_dir, fp: dict[str, str], *, writer: bool = True):
         self.dir = resume_dir(out_dir)
         self.fp, self.writer = fp, writer
         self.layers_done = 0
+        self.checksums: list[dict[str, str]] = []      # per finished layer: file name -> sha256
         self._thread: threading.Thread | None = None     # the layer write in flight
         self._error: BaseException | None = None
-        state = self.dir / "state.json"
-        if state.is_file():
-            saved = json.loads(state.read_text())
-            if saved.get("fingerprint") == fp:
-                self.layers_done = int(saved["layers_done"])
-            elif writer:                      # another model/data/recipe: its layers are of no use here
-                print(f"note: discarding {self.dir}: it was saved by a run with a different model, data, "
-                      f"recipe or GPTQ options")
-                self.clear()
+        if (self.dir / "state.json").is_file():
+            self._load_state()
+
+    def _load_state(self) -> None:
+        """Take the saved layers that match this run and whose files are intact; discard the rest,
+        saying why in one line."""
+        try:
+            saved = json.loads((self.dir / "state.json").read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:              # truncated, damaged, unreadable
+            return self._discard(f"its state.json is damaged ({type(e).__name__})")
+        if saved.get("version") != STATE_VERSION:
+            return self._discard(f"it was written by another version of AlphaQuant (state format "
+                                 f"{saved.get('version')!r}, this one reads {STATE_VERSION})")
+        theirs = saved.get("fingerprint") if isinstance(saved.get("fingerprint"), dict) else {}
+        changed = [k for k in sorted(set(self.fp) | set(theirs)) if self.fp.get(k) != theirs.get(k)]
+        if changed:
+            return self._discard(f"{' and '.join(_PART_WORDS.get(k, k) for k in changed)} changed since it was saved")
+        checksums = saved.get("layers") if isinstance(saved.get("layers"), list) else []
+        done = min(int(saved.get("layers_done", 0)), len(checksums))
+        for i in range(done):
+            bad = self._damaged(i, checksums[i])
+            if bad:
+                if self.writer:
+                    print(f"note: resume state {self.dir}: layer {i}'s {bad}; "
+                          f"{f'reusing layers 0-{i - 1} and ' if i else ''}solving from layer {i} on")
+                done = i
+                break
+        self.layers_done, self.checksums = done, checksums[:done]
+
+    def _damaged(self, i: int, sums) -> str | None:
+        """What is wrong with layer i's saved files, or None when every file has its recorded sha256."""
+        if not isinstance(sums, dict) or not sums:
+            return "checksums are missing"
+        for name, sha in sums.items():
+            p = self.dir / name
+            if not p.is_file():
+                return f"file {name} is missing"
+            if _file_sha(p) != sha:
+                return f"file {name} is damaged (its sha256 differs from the one recorded when it was written)"
+        return None
+
+    def _discard(self, why: str) -> None:
+        if self.writer:            # another model/data/recipe, or damaged: its layers are of no use here
+            print(f"note: discarding the resume state {self.dir}: {why}; starting from layer 0")
+            self.clear()
 
     # -- writing ---------------------------------------------------------------------------
     def save_layer(self, i: int, tensors: dict[str, torch.Tensor], records: dict) -> None:
@@ -114,12 +216,21 @@ class ResumeState:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             base = self.dir / f"layer_{i:05d}"
-            _atomic_write(base.with_suffix(".safetensors"), lambda p: save_file(host, str(p)))
-            _atomic_write(base.with_suffix(".json"), lambda p: p.write_text(json.dumps({"records": meta})))
+            st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+            _atomic_write(st, lambda p: save_file(host, str(p)))
+            _atomic_write(js, lambda p: p.write_text(json.dumps({"records": meta})))
+            # read back from the page cache: the checksum is of the bytes on disk, at no extra memory
+            sums = {st.name: _file_sha(st), js.name: _file_sha(js)}
+            checksums = self.checksums[:i] + [sums]
             _atomic_write(self.dir / "state.json", lambda p: p.write_text(json.dumps(
-                {"fingerprint": self.fp, "layers_done": i + 1, "version": STATE_VERSION,
+                {"fingerprint": self.fp, "layers_done": i + 1, "version": STATE_VERSION, "layers": checksums,
                  "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n"))
-            self.layers_done = i + 1
+            self.layers_done, self.checksums = i + 1, checksums
+        except OSError as e:
+            self._error = ResumeWriteError(
+                f"the resume state could not be written to {str(self.dir)!r} "
+                f"({e.strerror or e}{f': {e.filename}' if e.filename else ''}); free some space or make that "
+                f"directory writable, or set output.resume: false to run without one")
         except BaseException as e:   # noqa: BLE001 - handed to the main thread by wait()
             self._error = e
 
