@@ -34,9 +34,56 @@ def _pattern(name: str, last_only: bool) -> str:
     return out + "$"
 
 
+_EXPERT = re.compile(r"(?P<block>.+)\.experts\.\d+\.(?P<proj>[^.]+)$")
+# transformers 5 renames a few MoE blocks when it fuses their experts (conversion_mapping.py)
+_FUSED_BLOCK = {"block_sparse_moe": "mlp"}
+
+
+def _expert_pattern(block_pat: str, block: str, projs: list[str]) -> str:
+    """One regex for the per-expert projections `projs` of every expert of the blocks `block_pat`
+    matches, which ALSO matches the fused experts module transformers builds in their place
+    (`model.layers.3.mlp.experts`, a 3D-parameter module): compressed-tensors warns about every
+    target that matches no module of the model it is given ("Could not match ..."), and in
+    transformers' model the per-expert linears do not exist. The fused module is not an nn.Linear,
+    so compressed-tensors attaches nothing to it; transformers still finds the experts' scheme by
+    the "experts" in the target."""
+    leaf = block.rsplit(".", 1)[-1]
+    head, _, _ = block_pat.rpartition(re.escape(leaf))
+    proj = rf"\.\d+\.(?:{'|'.join(map(re.escape, projs))})"          # \.E\.(gate_proj|up_proj)
+    fused = _FUSED_BLOCK.get(leaf)
+    if fused is None:                                  # model\.layers\.\d+\.mlp\.experts(\.E\.proj)?$
+        return rf"{block_pat}\.experts(?:{proj})?$"
+    return rf"{head}(?:{re.escape(leaf)}\.experts{proj}|{re.escape(fused)}\.experts)$"
+
+
+def _expert_targets(names: list[str], universe: list[str]) -> tuple[list[str], list[str]]:
+    """(regexes, names they do not cover): per MoE block pattern, one regex for its experts' projections
+    of this group, kept only where it matches exactly these names among the linears of `universe`."""
+    chosen, covered, allowed = [], set(), set(names)
+    for block_regex in (lambda b: _pattern(b, False)[:-1], re.escape):   # every layer's block, then one block
+        by_block: dict[tuple, list[str]] = {}
+        for n in names:
+            m = _EXPERT.match(n)
+            if m and n not in covered:
+                projs = by_block.setdefault((block_regex(m["block"]), m["block"]), [])
+                if m["proj"] not in projs:
+                    projs.append(m["proj"])
+        for (block_pat, block), projs in by_block.items():
+            pat = _expert_pattern(block_pat, block, projs)
+            hits = {u for u in universe if re.match(pat, u)}
+            if hits and hits <= allowed and not hits & covered:
+                chosen.append("re:" + pat)
+                covered |= hits
+    return chosen, [n for n in names if n not in covered]
+
+
 def compress_targets(names: list[str], universe: list[str]) -> list[str]:
-    """`re:` patterns matching exactly `names` within `universe`, plus explicit leftovers."""
-    chosen, remaining, allowed = [], list(names), set(names)
+    """`re:` patterns matching exactly `names` within `universe`, plus explicit leftovers.
+
+    Routed experts get one regex per MoE block pattern (see _expert_pattern), the rest one per
+    module kind with its layer/expert indices generalised."""
+    experts, remaining = _expert_targets(names, universe)
+    chosen, allowed = list(experts), set(names)
     for last_only in (False, True):                      # all indices, then the expert index only
         for pat in dict.fromkeys(_pattern(n, last_only) for n in remaining):
             rx = re.compile(pat)
