@@ -78,6 +78,12 @@ def build_meta(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(config)
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", qc)
+        raise UnsupportedModelError(f"model_type {config.model_type!r}: this checkpoint is already quantized "
+                                    f"({method}); AlphaQuant quantizes full-precision (bf16/fp16/fp32) weights, "
+                                    f"so point model.path at a full-precision copy.")
     try:
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
