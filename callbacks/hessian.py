@@ -7,6 +7,10 @@ shared-expert gate after the shared expert). on_predict_end removes every hook a
 Hessians and token counts across DDP ranks: one all_reduce per Hessian in a fixed order on
 every rank, never inside a per-batch hook (ranks can have uneven batch counts).
 
+Linears that read the same tensor share one Hessian ("key", see callbacks/hooks.py): routed
+experts' gate/up by the adapter's MoE blocks, every other linear by the tensor its pre-hook saw
+on the first batch of the first pass with its group (compared on every later batch).
+
 Modes (config `calibration.hessian`):
   routed       H_e = Σ_t c_t x_t x_tᵀ over the tokens routed to expert e, c = routing weight
                (MoEQuant AGQ); the Qwen2-MoE shared expert weighted by sigmoid(shared gate).
@@ -25,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from alphaquant.gptq import HessianState
 from alphaquant.gptq.hessian import accumulate_hessian_fast, accumulate_segments
 from alphaquant.routing import RoutePlan, expert_token_weights
-from callbacks.hooks import Source, hessian_keys, linear_input, weight_sources
+from callbacks.hooks import Source, expert_keys, input_identity, linear_input, shared_input_keys, weight_sources
 
 MODES = ("routed", "uniform", "all_experts")
 
@@ -50,19 +54,28 @@ class HessianCollector(Callback):
         # the first layer that has the group, then reused (the same modules run in the same order), so
         # later layers never run a whole forward just to learn where to stop
         self._stop_names: dict[tuple, str] = {}
+        # (layer class, group) -> Hessian keys of its non-expert linears, from the tensors their pre-hooks
+        # saw on the first batch of the first pass with that group (see _resolve_keys); reused likewise
+        self._input_keys: dict[tuple, dict[str, str]] = {}
+        self._pending: list[str] = []    # linears whose keys the first flush of this pass decides
+        self._learning = False           # this pass decides keys (no earlier pass had its group)
 
     # -- lifecycle ------------------------------------------------------------------------
     def on_predict_start(self, trainer, runner):
         if runner.plan.phase != "collect":
             return
         layer, group = runner.block, runner.plan.group
+        self._layer, self._group, self._device = layer, list(group), runner.device
+        self._stop_key = (type(layer).__qualname__, tuple(group))
         self.blocks = self.adapter.moe_blocks(layer)
-        self.keys = hessian_keys(group, layer)
         self.sources = weight_sources(group, self.blocks)
+        self.keys = expert_keys(group, self.blocks)                 # routed experts: the adapter says
+        self._plain = [n for n in group if n not in self.keys]      # the rest: the hooked inputs say
+        learned = self._input_keys.get(self._stop_key)
+        self._pending = [] if learned is not None else list(self._plain)
+        self._learning = bool(self._pending)
         self._plan_batched(layer, group, runner.device)
-        for k in dict.fromkeys(self.keys.values()):
-            if k not in self.states:
-                self.states[k] = HessianState.zeros(layer.get_submodule(k).in_features, device=runner.device)
+        self._set_keys(learned or {})
         self.routed_tokens = {b.name: torch.zeros(b.num_experts, dtype=torch.long, device=runner.device)
                               for b in self.blocks}
         for name in group:
@@ -75,7 +88,6 @@ class HessianCollector(Callback):
         # early stop: a group of plain linears stops at the pre-hook of the last one the forward calls
         # (learned on the first batch); a group fed only from MoE block inputs stops at the router
         plain = all(self.sources[n].kind == "plain" and not self._is_expert(n) for n in group)
-        self._stop_key = (type(layer).__qualname__, tuple(group))
         self._stop_name = self._stop_names.get(self._stop_key) if self.early_stop and plain else None
         self._learn_stop = self.early_stop and plain and self._stop_name is None
         self._stop_at_router = (self.early_stop and len(group) > 0
@@ -89,6 +101,8 @@ class HessianCollector(Callback):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._learning:
+            self._agree_keys()
         if "forward" in vars(runner.block):
             del runner.block.forward
         i = runner.plan.layer_index
@@ -100,6 +114,38 @@ class HessianCollector(Callback):
                     dist.all_reduce(t)
             for name in sorted(self.routed_tokens):
                 dist.all_reduce(self.routed_tokens[name])
+
+    # -- which linears share a Hessian ------------------------------------------------------------
+    def _set_keys(self, plain_keys: dict[str, str]) -> None:
+        """Add decided keys (in group order, which the solver stacks by) and allocate their states."""
+        keys = {**self.keys, **plain_keys}
+        self.keys = {n: keys[n] for n in self._group if n in keys}
+        self._pending = [n for n in self._pending if n not in plain_keys]
+        for k in dict.fromkeys(self.keys.values()):
+            if k not in self.states:
+                self.states[k] = HessianState.zeros(self._layer.get_submodule(k).in_features, device=self._device)
+
+    def _resolve_keys(self, inputs) -> None:
+        """First flush of a pass: linears whose pre-hooks saw the same tensor share a Hessian."""
+        self._set_keys(shared_input_keys(self._pending, inputs))
+
+    def _agree_keys(self) -> None:
+        """End of a pass that decided keys: under DDP a rank that got no batch takes the others'
+        (one all_gather_object, only in the first pass of each (layer class, group)); then remember
+        them for later layers. With no batch anywhere every linear keeps its own (zero) Hessian."""
+        mine = None if self._pending else {n: self.keys[n] for n in self._plain}
+        known = [mine] if mine is not None else []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+            known = [k for k in everyone if k is not None]
+            if any(k != known[0] for k in known):
+                raise RuntimeError(f"ranks disagree on which linears of {self._group} share an input: {known}")
+        if known:
+            self._set_keys(known[0])
+            self._input_keys[self._stop_key] = known[0]
+        else:
+            self._set_keys({n: n for n in self._pending})
 
     def _wrap_forward(self, layer):
         """The layer's forward, returning its input when a hook stops it (collect output is unused);
@@ -146,8 +192,7 @@ class HessianCollector(Callback):
     # -- hooks ------------------------------------------------------------------------------
     def _hook_input(self, layer, name):
         def pre(_mod, args):
-            x = args[0]
-            self._inputs.append((name, x.reshape(-1, x.shape[-1])))
+            self._inputs.append((name, args[0]))     # kept as given: its identity decides sharing
             if name == self._stop_name:
                 raise StopForward
         self._handles.append(layer.get_submodule(name).register_forward_pre_hook(pre))
@@ -176,6 +221,8 @@ class HessianCollector(Callback):
     def _flush(self, layer):
         """Turn the buffered inputs of one layer forward into Hessian updates."""
         inputs, self._inputs = self._inputs, []
+        if self._pending and inputs:
+            self._resolve_keys(inputs)
         if self._learn_stop and inputs:
             self._stop_name, self._learn_stop = inputs[-1][0], False    # the last group input the forward makes
             self._stop_names[self._stop_key] = self._stop_name
@@ -189,18 +236,20 @@ class HessianCollector(Callback):
                 self.routed_tokens[b.name] += plans[b.name].count_tensor
             else:
                 self.routed_tokens[b.name] += torch.bincount(ids[0].reshape(-1), minlength=b.num_experts)
-        seen: dict[str, int] = {}
+        seen: dict[str, tuple | None] = {}
         expert_rows: dict[tuple, dict[int, torch.Tensor]] = {}
         for name, x in inputs:
             key, src = self.keys[name], self.sources[name]
             if self.mode == "all_experts" and src.kind == "expert":
                 continue          # fed below from the block input, all tokens
-            ptr = x.data_ptr()
+            ident = input_identity(x)
             if key in seen:
-                if seen[key] != ptr:
-                    raise RuntimeError(f"{name} and {key} were assumed to share an input but did not")
+                if seen[key] != ident:
+                    raise RuntimeError(f"{name} and {key} were taken to share an input (the same tensor on the "
+                                       f"pass's first batch, or an expert's gate and up) but read different ones in this forward")
                 continue
-            seen[key] = ptr
+            seen[key] = ident
+            x = x.reshape(-1, x.shape[-1])                                   # [T, C]
             if src.kind == "expert":
                 leaf = key[len(self._prefix(src)) + 1:]
                 expert_rows.setdefault((src.block, leaf), {})[src.expert] = x

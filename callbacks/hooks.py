@@ -1,12 +1,16 @@
 """Which Hessian each linear of a calibration group feeds, and with which token weights.
 
 A "Hessian key" is shared by linears that read the same input tensor (q/k/v; an expert's
-gate/up), so their Hessian is accumulated once and they are solved stacked along rows.
+gate/up), so their Hessian is accumulated once and they are solved stacked along rows. Routed
+experts are keyed from the adapter's MoE blocks (their gate/up may not even be hooked); every
+other linear from the tensors its forward pre-hook sees on the first batch of a pass, never from
+names or widths (with `gptq.true_sequential: false`, o_proj has q_proj's width but not its input).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -23,18 +27,61 @@ class Source:
     expert: int | None = None
 
 
-def parent_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
+def expert_keys(group: list[str], blocks) -> dict[str, str]:
+    """Hessian keys of the routed-expert linears of the group, from the adapter's MoE blocks: an
+    expert's gate and up both read the expert's input (the block-input rows routed to it), so they
+    share the key of the first of them in the group; its down reads act(gate)·up and is its own key.
 
-
-def hessian_keys(group: list[str], layer: nn.Module) -> dict[str, str]:
-    """Map each linear name to its Hessian key: the first linear of the same parent
-    module with the same in_features (siblings that read the same input)."""
+    >>> from alphaquant.arch.base import MoEBlockInfo
+    >>> b = MoEBlockInfo("mlp", "mlp.gate", "mlp.router", 1, 1, {0: "mlp.experts.0"})
+    >>> expert_keys(["mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"], [b])
+    {'mlp.experts.0.gate_proj': 'mlp.experts.0.gate_proj', 'mlp.experts.0.up_proj': 'mlp.experts.0.gate_proj', \
+'mlp.experts.0.down_proj': 'mlp.experts.0.down_proj'}
+    """
+    members = set(group)
     keys: dict[str, str] = {}
-    first: dict[tuple[str, int], str] = {}
-    for name in group:
-        cols = layer.get_submodule(name).in_features
-        keys[name] = first.setdefault((parent_of(name), cols), name)
+    for b in blocks:
+        g, u, d = b.proj_names
+        for prefix in b.expert_prefixes.values():
+            gate_up = [f"{prefix}.{leaf}" for leaf in (g, u) if f"{prefix}.{leaf}" in members]
+            for name in gate_up:
+                keys[name] = gate_up[0]
+            if f"{prefix}.{d}" in members:
+                keys[f"{prefix}.{d}"] = f"{prefix}.{d}"
+    return {n: keys[n] for n in group if n in keys}
+
+
+def input_identity(x: torch.Tensor) -> tuple | None:
+    """What makes two linears' inputs the same tensor: storage address, shape, strides and dtype
+    (host-side metadata, no device sync). None for an empty input, whose address means nothing.
+    Only meaningful while the tensors compared are alive (the collector holds them until its flush),
+    so a freed input's address cannot be handed to another linear's input in between."""
+    if x.numel() == 0:
+        return None
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+
+
+def shared_input_keys(names: list[str], seen: list[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """Hessian key of each linear in `names` from the inputs one layer forward gave them: linears whose
+    forward pre-hooks saw the same tensor (q/k/v reading one normed hidden state, a dense MLP's gate/up)
+    share the key of the first of them in `names`; a linear that saw no input keeps its own key.
+
+    `seen` is (linear name, input) in call order; names not in `names` are ignored.
+
+    >>> x, y = torch.ones(4, 8), torch.ones(4, 8)
+    >>> shared_input_keys(["q", "k", "o"], [("q", x), ("k", x), ("o", y)])
+    {'q': 'q', 'k': 'q', 'o': 'o'}
+    """
+    wanted = set(names)
+    first: dict[str, tuple | None] = {}
+    for name, x in seen:
+        if name in wanted and name not in first:
+            first[name] = input_identity(x)
+    keys: dict[str, str] = {}
+    owner: dict[tuple, str] = {}
+    for name in names:
+        ident = first.get(name)
+        keys[name] = name if ident is None else owner.setdefault(ident, name)
     return keys
 
 

@@ -82,3 +82,85 @@ def test_low_precision_inputs_accumulate_in_fp32():
     assert state.H.dtype == torch.float32
     xf = x.double()
     assert_close(state.finalize(), (2 * xf.T @ xf / 64).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_linears_share_a_hessian_key_only_when_they_read_the_same_tensor():
+    """Keys follow the tensor a pre-hook saw, not the width: o_proj reads a tensor as wide as q_proj's."""
+    from callbacks.hooks import shared_input_keys
+
+    g = _gen(6)
+    normed, attn = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    seen = [("q", normed), ("k", normed), ("v", normed), ("o", attn),
+            ("up", normed.view(10, 16)),          # same storage, other shape: another tensor
+            ("t", normed.transpose(0, 1))]        # same storage and shape numel, other strides
+    assert shared_input_keys(["q", "k", "v", "o", "up", "t", "never"], seen) == {
+        "q": "q", "k": "q", "v": "q", "o": "o", "up": "up", "t": "t", "never": "never"}
+    # the first linear in the given order names the key, whichever ran first
+    assert shared_input_keys(["k", "q"], seen) == {"k": "k", "q": "k"}
+    assert shared_input_keys(["a", "b"], [("a", attn[:0]), ("b", attn[:0])]) == {"a": "a", "b": "b"}   # empty
+
+
+def test_expert_keys_pair_gate_with_up_and_leave_down_alone():
+    """Mixtral's w2 has w1's in_features when intermediate == hidden; it still gets its own key."""
+    from alphaquant.arch.base import MoEBlockInfo
+    from callbacks.hooks import expert_keys
+
+    b = MoEBlockInfo("block_sparse_moe", "block_sparse_moe.gate", "block_sparse_moe.router", 2, 1,
+                     {e: f"block_sparse_moe.experts.{e}" for e in range(2)}, proj_names=("w1", "w3", "w2"))
+    p = "block_sparse_moe.experts."
+    group = ["self_attn.o_proj", f"{p}0.w1", f"{p}0.w3", f"{p}0.w2", f"{p}1.w3", f"{p}1.w2"]   # 1.w1 skipped
+    assert expert_keys(group, [b]) == {f"{p}0.w1": f"{p}0.w1", f"{p}0.w3": f"{p}0.w1", f"{p}0.w2": f"{p}0.w2",
+                                       f"{p}1.w3": f"{p}1.w3", f"{p}1.w2": f"{p}1.w2"}
+
+
+def test_collector_learns_keys_on_the_first_batch_and_reuses_them_for_later_layers():
+    """One group holding every linear of a layer (true_sequential false): each linear's Hessian is
+    that of its own input (a plain pre-hook on the layer); keys learned on layer 0 serve layer 1;
+    a pass without a batch leaves every linear its own zero Hessian."""
+    import models
+    import tiny
+    from alphaquant.arch import get_adapter
+    from alphaquant.pipeline.runner import PassPlan
+    from callbacks.hessian import HessianCollector
+
+    model = models.from_config({**tiny.BASE, **tiny.FAMILIES["mixtral"]}, seed=0)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 320, (2, 12), generator=_gen(7))
+    hidden, kw = model.prepare_layer_inputs(ids)
+    col = HessianCollector(adapter, "uniform")
+    for i, layer in enumerate(model.model.layers):
+        group = [n for g in adapter.sequential_groups(layer) for n in g]
+
+        class Runner:
+            block, device = layer, torch.device("cpu")
+            plan = PassPlan("collect", "calib", i, 0, group)
+
+        xs = {}
+
+        def keep(name):
+            def pre(_m, a):
+                xs.setdefault(name, a[0].reshape(-1, a[0].shape[-1]).clone())
+            return pre
+        hooks = [layer.get_submodule(n).register_forward_pre_hook(keep(n)) for n in group]
+        col.on_predict_start(None, Runner)
+        assert (i > 0) == (not col._pending)          # layer 1 starts with the keys layer 0 learned
+        with torch.no_grad():
+            out = layer(hidden, **kw)
+        col.on_predict_end(None, Runner)
+        for h in hooks:
+            h.remove()
+        assert col.keys["self_attn.o_proj"] == "self_attn.o_proj"
+        assert col.keys["block_sparse_moe.experts.0.w2"] == "block_sparse_moe.experts.0.w2"
+        assert col.keys["self_attn.v_proj"] == col.keys["self_attn.k_proj"] == "self_attn.q_proj"
+        assert col.keys["block_sparse_moe.experts.0.w3"] == "block_sparse_moe.experts.0.w1"
+        for n in group:
+            if n in xs:
+                assert_close(col.states[col.keys[n]].H, xs[n].T @ xs[n], rtol=1e-5, atol=1e-4, msg=n)
+        hidden = out
+
+    fresh = HessianCollector(adapter, "uniform")
+    fresh.on_predict_start(None, Runner)             # no batch at all in this pass
+    fresh.on_predict_end(None, Runner)
+    assert all(fresh.keys[n] == n for n in group if ".experts." not in n)
+    assert not any(s.H.any() for s in fresh.states.values())
+    assert not fresh._input_keys                     # nothing learned from no input
