@@ -5,6 +5,8 @@ checkpoint transformers loads back), and round-to-nearest with the same recipe (
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -204,3 +206,24 @@ def test_gpt_oss_quantized_forward_matches_transformers(work):
     fp = hf_reference(d)
     for k in ("model.layers.0.mlp.experts.gate_up_proj_bias", "model.layers.1.mlp.experts.down_proj_bias"):
         assert torch.equal(hf.get_parameter(k), fp.get_parameter(k)), k     # biases not quantized
+
+
+@pytest.mark.parametrize("mode", ["uniform", "all_experts"])
+def test_hessian_modes(mode, work):
+    """calibration.hessian on the generic path: uniform = routed tokens with weight 1 (Σw == tokens);
+    all_experts = every calibration token through every expert (DeepSeek-V3: shared + routed)."""
+    s, _, _ = run(work, "deepseek_v3", calibration={"hessian": mode}, output={"save": False})
+    recs = s.results["records"]
+    T = s.windows["calib"].numel()
+    experts = {n: r for n, r in recs.items() if re.search(r"\.experts\.\d+\.", n)}
+    assert experts and not s.results["fallbacks"]
+    routed, _, _ = run(work, "deepseek_v3")
+    for n, r in experts.items():
+        if mode == "uniform":
+            assert r.weight_sum == pytest.approx(r.tokens)
+            if n.startswith("model.layers.1."):     # the first MoE layer: its inputs are the same in both runs
+                assert r.tokens == routed.results["records"][n].tokens, n
+        else:
+            assert r.tokens == T, n
+    if mode == "uniform":          # routed mode weights by the applied routing weights (scaled by 2.5 here)
+        assert any(abs(r.weight_sum - r.tokens) > 1e-3 for n, r in routed.results["records"].items() if n in experts)
