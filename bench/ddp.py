@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
                    help="start all ranks at once with torchrun, or let Lightning start ranks 1.. from rank 0 "
                         "(they then load the model after rank 0 has)")
     p.add_argument("--sweep", default="auto", choices=["auto", "torch"], help="gptq.sweep of every run")
-    p.add_argument("--workdir", default=None)
+    p.add_argument("--workdir", default=None, help="scratch directory, kept (default: a temporary one, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary scratch directory")
     p.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
     args = p.parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -97,9 +98,19 @@ def main(argv=None) -> dict:
                             quick=args.quick, profile=False, cprofile=False, devices=1, sweep=args.sweep)
     if args.quick and args.samples == 128:
         ns.samples, ns.seq_len, ns.batch_size = 8, 128, 2
+    import shutil
     import tempfile
     work = Path(args.workdir or tempfile.mkdtemp(prefix="aq-ddp-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:                          # three checkpoints of the model: removed unless named (--workdir) or --keep
+        return _run_all(args, argv, ns, work)
+    finally:
+        if not (args.workdir or args.keep):
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"[ddp] removed the scratch directory {work} (--keep or --workdir keeps it)", flush=True)
+
+
+def _run_all(args, argv, ns, work: Path) -> dict:
     command = "PYTHONPATH=. python bench/ddp.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
     build = (json.loads((work / "build.json").read_text()) if args.reuse_build and (work / "build.json").is_file()

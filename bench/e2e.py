@@ -502,7 +502,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-errors", action="store_true", help="skip the per-layer error stage (timing runs)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over our run (workdir/profile*.txt)")
     p.add_argument("--cprofile", action="store_true", help="cProfile over our run (workdir/cprofile_*.txt)")
-    p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--workdir", default=None, help="scratch directory, kept (default: a temporary one, removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary scratch directory")
     p.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
     p.add_argument("--stage", default=None, choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -515,9 +516,22 @@ def main(argv=None) -> dict:
             write_json(work / stage_result_name(args, args.stage), res)
         return res
 
+    import shutil
     import tempfile
     work = Path(args.workdir or tempfile.mkdtemp(prefix="aq-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
+    # the scratch directory holds the built checkpoint and both tools' outputs (23 GB for OLMoE, 34 GB for
+    # Qwen1.5-MoE): removed at the end and after a failed stage unless it was named (--workdir) or --keep
+    keep = bool(args.workdir) or args.keep
+    try:
+        return _run_all(args, argv, work)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"[e2e] removed the scratch directory {work} (--keep or --workdir keeps it)", flush=True)
+
+
+def _run_all(args, argv, work: Path) -> dict:
     command = "PYTHONPATH=. python bench/e2e.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
     result = {"command": command, "family": args.family, "model": NAMES[args.family], "device": device_name(args),
