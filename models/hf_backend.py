@@ -78,6 +78,7 @@ def build_meta(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(config)
+    check_head(config)
     qc = getattr(config, "quantization_config", None)
     if qc:
         method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", qc)
@@ -350,19 +351,50 @@ def _buffers_to_params(module: nn.Module, skip: tuple[str, ...] = ()) -> None:
 
 
 def _rebuild_meta_buffers(hf: nn.Module) -> None:
-    """Non-persistent buffers (rotary inv_freq) are computed at construction, which happened on meta:
-    construct those modules again on the host. Any other meta buffer cannot be recovered."""
+    """Non-persistent buffers (rotary inv_freq, Gemma's embedding scale) are computed at construction, which
+    happened on meta. Modules that take the config are constructed again on the host; the others outside the
+    decoder layers are taken from the trunk built again on the host with no decoder layers (weights left
+    uninitialised: only the buffers are used). A computed buffer inside a decoder layer is refused."""
+    left = []
     for name, mod in list(hf.named_modules()):
-        meta = [b for b in mod._buffers.values() if b is not None and b.is_meta]
-        if not meta:
+        if not any(b is not None and b.is_meta for b in mod._buffers.values()):
             continue
         cfg = getattr(mod, "config", None)
-        if cfg is None:
-            raise UnsupportedModelError(f"{name} has computed buffers AlphaQuant cannot rebuild off the meta "
-                                        f"device ({type(mod).__name__}).")
-        fresh = type(mod)(config=cfg)
-        owner, _, leaf = name.rpartition(".")
-        (hf.get_submodule(owner) if owner else hf)._modules[leaf] = fresh
+        if cfg is not None:
+            owner, _, leaf = name.rpartition(".")
+            (hf.get_submodule(owner) if owner else hf)._modules[leaf] = type(mod)(config=cfg)
+        else:
+            left.append(name)
+    if not left:
+        return
+    inside = [n for n in left if n.startswith("model.layers.")]
+    if inside:
+        raise UnsupportedModelError(f"{inside[0]} has computed buffers AlphaQuant cannot rebuild off the meta "
+                                    f"device ({type(hf.get_submodule(inside[0])).__name__}).")
+    from transformers.initialization import no_init_weights
+
+    cfg0 = copy.deepcopy(hf.model.config)
+    cfg0.num_hidden_layers = 0
+    with no_init_weights(), torch.device("cpu"):
+        host = type(hf.model)(cfg0)
+    for name in left:
+        mod = hf.get_submodule(name)
+        fresh = host.get_submodule(name.removeprefix("model."))
+        for leaf, buf in mod._buffers.items():
+            if buf is not None and buf.is_meta:
+                mod._buffers[leaf] = fresh._buffers[leaf].to(buf.dtype)
+
+
+def check_head(config) -> None:
+    """UnsupportedModelError for causal LMs whose forward scales the embeddings before the first layer or the
+    logits after lm_head in code of its own (the generic path runs embed_tokens, the layers, norm + lm_head)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key, neutral in (("final_logit_softcapping", None), ("logits_scaling", 1.0), ("logit_scale", 1.0),
+                         ("output_multiplier_scale", 1.0), ("embedding_multiplier", 1.0)):
+        v = getattr(text, key, neutral)
+        if v is not None and v != neutral:
+            raise UnsupportedModelError(f"model_type {config.model_type!r} scales its embeddings or logits outside "
+                                        f"its modules ({key}={v}), which AlphaQuant's generic path does not do yet.")
 
 
 class _Recorder(nn.Module):

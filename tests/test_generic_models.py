@@ -140,3 +140,52 @@ def test_deepseek_v3_mla_groups(hf_dirs):
     assert groups[:3] == [[a + "q_a_proj", a + "kv_a_proj_with_mqa"], [a + "q_b_proj", a + "kv_b_proj"], [a + "o_proj"]]
     assert "mlp.shared_experts.gate_proj" in groups[3] and "mlp.experts.7.up_proj" in groups[3]
     assert "mlp.shared_experts.down_proj" in groups[4] and "mlp.experts.0.down_proj" in groups[4]
+
+
+def test_more_architectures_walk_like_transformers(tmp_path):
+    """Architectures with nothing of their own in AlphaQuant: Gemma (scaled embedding with a computed
+    buffer), PhiMoE (router subclassing nn.Linear, returning a tuple), Qwen3-Next (hybrid linear attention,
+    sigmoid-gated shared expert), GLM-4-MoE (partial rotary, grouped sigmoid routing)."""
+    from models import hf_backend
+    extra = {
+        "gemma": dict(head_dim=16, intermediate_size=96),
+        "phimoe": dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_next": dict(head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                           layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                           linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+        "glm4_moe": dict(head_dim=16, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                         num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                         n_shared_experts=1, partial_rotary_factor=0.5),
+    }
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    for mt, kw in extra.items():
+        d = make_hf_checkpoint(mt, tmp_path / mt, tokenizer=False, **kw)
+        model = hf_backend.from_pretrained(d, dtype="float32", lazy=False)
+        adapter = arch.get_adapter(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), hf_reference(d)(ids).logits, rtol=1e-4, atol=1e-5)
+        layer = model.model.layers[-1]
+        blocks = adapter.moe_blocks(layer)
+        assert (adapter.family == "standard") == (not blocks), mt
+        flat = [n for g in adapter.sequential_groups(layer) for n in g]
+        kept = {n for b in blocks for n in (b.gate_name, b.shared_gate) if n}
+        assert not kept & set(flat)
+        if mt == "qwen3_next":
+            assert blocks[0].shared_gate == "mlp.shared_expert_gate" and blocks[0].shared_expert == "mlp.shared_expert"
+        if mt == "phimoe":
+            assert blocks[0].gate_name == "mlp.router"
+
+
+def test_refusals_name_the_reason(tmp_path):
+    from transformers import AutoConfig
+    from models import hf_backend
+    with pytest.raises(models.UnsupportedModelError, match="embedding_multiplier"):
+        hf_backend.build_meta(AutoConfig.for_model("granitemoe", embedding_multiplier=12.0), torch.float32)
+    with pytest.raises(models.UnsupportedModelError, match="final_logit_softcapping"):
+        hf_backend.build_meta(AutoConfig.for_model("gemma2"), torch.float32)
+    cfg = AutoConfig.for_model("llama", quantization_config={"quant_method": "fp8"})
+    with pytest.raises(models.UnsupportedModelError, match="already quantized"):
+        hf_backend.build_meta(cfg, torch.float32)
+    with pytest.raises(models.UnsupportedModelError, match="layout"):
+        arch.detect({"model_type": "gpt2", "n_layer": 1})

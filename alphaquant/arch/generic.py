@@ -181,7 +181,9 @@ def trace_levels(layer: nn.Module, inputs) -> dict[str, int]:
 
     def post(name: str) -> Callable:
         def hook(_m, _args, out):
-            depth[out] = levels[name] + 1
+            for t in tree_leaves(out):          # a router subclassing nn.Linear may return (weights, ids)
+                if isinstance(t, torch.Tensor):
+                    depth[t] = levels[name] + 1
         return hook
 
     for name, m in layer.named_modules():
