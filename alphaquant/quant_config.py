@@ -97,12 +97,12 @@ class QuantRule:
 class QuantOverride:
     """One entry of `quant.overrides`: a glob and the fields it sets (null = inherit)."""
 
-    pattern: str = ""
-    wq: str | None = None
-    aq: AqName | None = None
-    group_size: int | None = None
-    sym: bool | None = None
-    skip: bool | None = None
+    pattern: str = ""              # fnmatch glob on full module names, e.g. "*.mlp.experts.*"; required
+    wq: str | None = None          # weight format or NAME/GROUP; null = inherit
+    aq: AqName | None = None       # activation format; null = inherit
+    group_size: int | None = None  # elements per scale, -1 = per row; null = inherit (or the format's block)
+    sym: bool | None = None        # symmetric integer grid; null = inherit
+    skip: bool | None = None       # true: keep the module's original weights; null = inherit
 
     def fields_set(self) -> dict:
         """The rule fields this override names: {"wq": "mxfp4", "group_size": 32}."""
@@ -131,6 +131,10 @@ class QuantConfig:
     # true: accept MX blocks other than 32, NVFP4 other than 16, grouped fp8_e4m3; such modules are
     # written alphaquant-packed (no compressed-tensors layout exists: transformers and vLLM refuse them)
     nonstandard_blocks: bool = False
+    # dtype integer formats round their scales to. float16 (GPTQ checkpoints' choice) is lossless for
+    # float16/float32 models; transformers allocates a dense linear's scales in the MODEL dtype, so
+    # for a bfloat16 model use bfloat16 (what llm-compressor writes) to be read back exactly there
+    int_scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
     def __post_init__(self):
         if self.default.group_size is None:          # built in code, not from YAML

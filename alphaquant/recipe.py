@@ -45,6 +45,7 @@ class QuantSpec:
     skip: bool                             # keep the original weights
     rule: str = "quant.default"            # the last rule that changed a field of this module
     shape: tuple[int, int] = (0, 0)        # (out_features, in_features) of the weight
+    scale_dtype: str = "float16"           # integer formats: dtype their scales are rounded to
 
     @property
     def quantized(self) -> bool:
@@ -103,7 +104,8 @@ def resolve_recipe(quant_cfg: QuantConfig, modules: list[tuple[str, int, int]]) 
             last[n] = label
     specs = {}
     for name, in_f, out_f in modules:
-        spec = QuantSpec(**fields[name], rule=last[name], shape=(out_f, in_f))
+        spec = QuantSpec(**fields[name], rule=last[name], shape=(out_f, in_f),
+                         scale_dtype=getattr(quant_cfg, "int_scale_dtype", "float16"))
         g = spec.group_size
         if spec.quantized and g != -1 and in_f % g:
             src = set_by[name]["group_size"]
@@ -139,7 +141,7 @@ def build_format(spec: QuantSpec):
         return None
     from alphaquant.formats import get_format        # lazy: formats is a heavier layer
     if spec.wq.startswith("int"):                     # only integer formats have a zero point
-        return get_format(spec.wq, group_size=spec.group_size, sym=spec.sym)
+        return get_format(spec.wq, group_size=spec.group_size, sym=spec.sym, scale_dtype=spec.scale_dtype)
     return get_format(spec.wq, group_size=spec.group_size)
 
 
@@ -153,7 +155,7 @@ def check_formats(specs: dict[str, QuantSpec]) -> None:
         return                                        # TODO(lead): drop once alphaquant.formats exists
     seen = set()
     for name, spec in specs.items():
-        key = (spec.wq, spec.group_size, spec.sym)
+        key = (spec.wq, spec.group_size, spec.sym, spec.scale_dtype)
         if not spec.quantized or key in seen:
             continue
         seen.add(key)

@@ -95,7 +95,9 @@ def compress_targets(names: list[str], universe: list[str]) -> list[str]:
 
 
 def group_key(spec, act_order: bool) -> tuple:
-    return (spec.wq, spec.group_size, spec.sym if spec.wq.startswith("int") else True, spec.aq, act_order)
+    is_int = spec.wq.startswith("int")
+    return (spec.wq, spec.group_size, spec.sym if is_int else True, spec.aq,
+            spec.scale_dtype if is_int else None, act_order)
 
 
 def quantization_config(specs: dict, act_order_modules=()) -> dict:
@@ -118,6 +120,8 @@ def quantization_config(specs: dict, act_order_modules=()) -> dict:
                                 "input_activations": None, "output_activations": None, "format": lay.format}
         ours[gname] = {"wq": spec.wq, "group_size": spec.group_size, "sym": spec.sym, "aq": spec.aq,
                        "act_order": key[-1], "modules": len(names)}
+        if spec.wq.startswith("int"):
+            ours[gname]["scale_dtype"] = spec.scale_dtype
         formats.append(lay.format)
     ignore = [n for n, s in specs.items() if not s.quantized]
     distinct = list(dict.fromkeys(formats))

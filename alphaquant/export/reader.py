@@ -31,7 +31,8 @@ STORED = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weigh
 
 
 def _spec_of(group: dict) -> QuantSpec:
-    return QuantSpec(wq=group["wq"], group_size=group["group_size"], sym=group["sym"], aq=group["aq"], skip=False)
+    return QuantSpec(wq=group["wq"], group_size=group["group_size"], sym=group["sym"], aq=group["aq"], skip=False,
+                     scale_dtype=group.get("scale_dtype", "float16"))
 
 
 def _set(model: nn.Module, key: str, t: torch.Tensor) -> None:

@@ -1,0 +1,89 @@
+"""Which readers get a written checkpoint right: one warning line per known problem, for the run's end.
+
+    for line in serving_warnings(json.load(open("out/config.json"))):
+        print("warning:", line)
+
+Every layout we label compressed-tensors decompresses with the compressed-tensors package to our
+weights bit for bit (tests/test_export_layouts.py); that is the arithmetic vLLM uses too. The
+problems below are transformers' (its MoE integration decompresses fused experts with a reduced
+module, integrations/compressed_tensors.py: CompressedTensorsDequantize) and compressed-tensors'
+(its meta-device compress leaves asymmetric zero points unpacked; FP4/FP6/MXFP8 decompress to
+bfloat16). They were found with TESTED below and are checked, one by one, by
+tests/test_export_transformers.py, which fails when a new version fixes one (then drop it here).
+"""
+from __future__ import annotations
+
+import re
+
+TESTED = "transformers 5.24.0 + compressed-tensors 0.20.1"
+READERS_OK = ("compressed-tensors' own decompression (the arithmetic vLLM uses) and alphaquant.export.load_quantized "
+              "read it correctly")
+
+_FP_BF16 = ("mxfp4-pack-quantized", "mxfp6-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized")
+_NO_HF_CLASS = {"deepseek": "DeepSeek-MoE (v1, model_type 'deepseek')"}
+
+
+def covers_routed_experts(targets: list[str]) -> bool:
+    """A group's targets name routed experts (`...experts.E.proj`, not shared experts): the groups
+    transformers' get_experts_scheme chooses from."""
+    return any(re.search(r"(?:^|[.:]|\\\.)experts(?:\\\.|\.|\(|$)", t) for t in targets)
+
+
+def _label(group: dict, ours: dict) -> str:
+    g = ours.get("group_size")
+    block = "per row" if g == -1 else f"g{g}"
+    asym = "" if ours.get("sym", True) or not str(ours.get("wq", "")).startswith("int") else " asym"
+    return f"{ours.get('wq', '?')}/{block}{asym} ({group.get('format')})"
+
+
+def serving_warnings(config: dict) -> list[str]:
+    """Warning lines (no prefix, one sentence each) for a checkpoint's config.json dict; [] when
+    transformers, vLLM and our reader all read it as written."""
+    qcfg = config.get("quantization_config") or {}
+    groups = qcfg.get("config_groups") or {}
+    ours = (qcfg.get("alphaquant") or {}).get("groups", {})
+    out: list[str] = []
+    model_type = config.get("model_type")
+    if model_type in _NO_HF_CLASS:
+        out.append(f"{_NO_HF_CLASS[model_type]} has no transformers class ({TESTED}): "
+                   f"AutoModelForCausalLM cannot build it; {READERS_OK}")
+    experts = [n for n, g in groups.items() if covers_routed_experts(g.get("targets", []))]
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    for name, g in groups.items():
+        fmt, w = g.get("format"), g.get("weights") or {}
+        label = _label(g, ours.get(name, {}))
+        if fmt == "alphaquant-packed":
+            out.append(f"{label}: written in the alphaquant-packed layout, which transformers and vLLM refuse; "
+                       f"only alphaquant.export.load_quantized reads it")
+            continue
+        is_experts = name in experts
+        dense = any(not covers_routed_experts([t]) for t in g.get("targets", []))
+        if is_experts and fmt == "nvfp4-pack-quantized":
+            out.append(f"{label} experts: {TESTED} load them WRONG without an error (its fused-experts "
+                       f"decompression drops weight_global_scale, so every expert weight comes out multiplied "
+                       f"by it); {READERS_OK}")
+        if is_experts and fmt == "mxfp8-quantized":
+            out.append(f"{label} experts: {TESTED} fail to load them (the fused-experts path reads the E8M0 "
+                       f"scales as FP8 multipliers); {READERS_OK}")
+        if fmt == "pack-quantized" and w.get("symmetric") is False:
+            out.append(f"{label}: {TESTED} fail to load asymmetric int (zero points of experts are dropped, "
+                       f"dense ones allocated unpacked); {READERS_OK}")
+        sd = ours.get(name, {}).get("scale_dtype", "float16")
+        if dense and fmt == "pack-quantized" and dtype in ("bfloat16", "float16") and sd != dtype:
+            out.append(f"{label} dense linears: transformers allocates their scales in the model dtype ({dtype}) and "
+                       f"rounds our {sd} scales to it, so its weights differ from ours (up to 2^-9 relative per "
+                       f"group); set quant.int_scale_dtype: {dtype} to be read exactly; {READERS_OK}")
+        if dense and fmt in _FP_BF16 and dtype != "bfloat16":
+            out.append(f"{label} dense linears: {TESTED} decompress them to bfloat16 and the {dtype} model's "
+                       f"forward fails with a dtype error; load with dtype=torch.bfloat16; {READERS_OK}")
+    if len(experts) > 1:
+        out.append(f"routed experts in {len(experts)} formats ({', '.join(_label(groups[n], ours.get(n, {})) for n in experts)}): "
+                   f"{TESTED} decompress all experts with the first group's scheme (fails or loads wrong); "
+                   f"{READERS_OK}")
+    routers = [t for g in groups.values() for t in g.get("targets", [])
+               if re.search(r"(?:\\\.|\.)gate\$?$", t) and "gate_proj" not in t]
+    if routers:
+        out.append(f"quantized router(s) {', '.join(routers[:2])}: transformers builds routers that compressed-tensors "
+                   f"does not decompress (their weights come out missing, re-initialized); keep routers unquantized "
+                   f"(skip: true) for transformers; alphaquant.export.load_quantized reads them")
+    return out
