@@ -138,9 +138,10 @@ def non_finite_origin(model, x: torch.Tensor) -> str:
 
 
 def evaluate_checkpoint(cfg, directory) -> int:
-    from alphaquant.data import check_tokenizer_dir, eval_windows, load_tokens
+    from alphaquant.data import check_tokenizer_dir, check_vocab, eval_windows, load_tokens
     from alphaquant.export import load_quantized
     from alphaquant.pipeline.session import _load_tokenizer
+    from models import UnsupportedModelError
     from models.loading import skeleton
 
     directory = Path(directory)
@@ -155,21 +156,26 @@ def evaluate_checkpoint(cfg, directory) -> int:
     try:
         meta = skeleton(directory, cfg.model.dtype)
         check_tensor_names(directory, meta)
-    except ValueError as e:          # ModelConfigError, UnsupportedModelError, CheckpointError
+    except UnsupportedModelError:    # not a local family: load_quantized decides whether it can read it
+        meta = None
+    except ValueError as e:          # ModelConfigError, CheckpointError
         raise UserError(f"{unreadable}: {e}") from None
     tokenizer_dir = cfg.model.tokenizer or str(directory)
     check_tokenizer_dir(tokenizer_dir, "model.tokenizer" if cfg.model.tokenizer else
                         "model.tokenizer (default: the --eval-only directory)")
     tokenizer = _load_tokenizer(tokenizer_dir)
     tokens = load_tokens(ev.dataset, ev.split, tokenizer, text_field=ev.text_field, token_dtype=ev.token_dtype,
-                         vocab_size=meta.config.vocab_size, key="eval.dataset")
+                         vocab_size=meta.config.vocab_size if meta is not None else None, key="eval.dataset")
     windows = eval_windows(tokens, ev.seq_len, ev.max_windows,
                            source=f"eval.dataset '{ev.dataset}' (split {ev.split!r})")
     try:
         model = load_quantized(directory, dtype=cfg.model.dtype)
     except (KeyError, ValueError) as e:
         raise UserError(f"{unreadable}: {e}") from None
-    check_loaded_shapes(directory, model, meta)
+    if meta is not None:
+        check_loaded_shapes(directory, model, meta)
+    else:
+        check_vocab(tokens, model.config.vocab_size, f"eval.dataset '{ev.dataset}' (split {ev.split!r})")
     model.to(device)
     hooks = _aq_hooks(model, specs)
     ppl = checkpoint_perplexity(model, windows, ev.batch_size, device)
