@@ -288,3 +288,17 @@ def test_correct_layouts_get_no_warning():
     assert any("experts" in w and "WRONG" in w for w in serving_warnings(
         {**base, "quantization_config": {"config_groups": {"group_0": {
             **base["quantization_config"]["config_groups"]["group_0"], "format": "nvfp4-pack-quantized"}}}}))
+
+
+def test_run_ends_with_one_warning_line_per_problem(sources, tmp_path):
+    """The run's last lines (pipeline.summary): one 'warning:' line naming the format and the reader."""
+    from rich.console import Console
+
+    from alphaquant.pipeline.summary import print_serving_warnings
+    _, config = quantize_write(sources("olmoe"), tmp_path / "out", CASES["nvfp4-experts"][1], BF16)
+    console = Console(record=True, width=100)
+    lines = print_serving_warnings(console, str(tmp_path / "out"))
+    text = console.export_text()
+    assert len(lines) == 1 and text.count("warning:") == 1 and text.strip().startswith("warning:")
+    assert "nvfp4" in lines[0] and "transformers 5.24.0" in lines[0] and "weight_global_scale" in lines[0]
+    assert print_serving_warnings(console, None) == []

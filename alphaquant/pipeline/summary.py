@@ -24,4 +24,22 @@ def finish_run(session, seconds: float) -> None:
         totals["peak accelerator (GiB)"] = res["memory"]["accelerator_bytes"] / 2**30
     if res["output_dir"]:
         totals["checkpoint"] = res["output_dir"]
-    print_summary(Console(), res["layers"], res["experts"], res["perplexity"], totals)
+    console = Console()
+    print_summary(console, res["layers"], res["experts"], res["perplexity"], totals)
+    print_serving_warnings(console, res["output_dir"])
+
+
+def print_serving_warnings(console, output_dir) -> list[str]:
+    """One line per reader known to misread this checkpoint (alphaquant.export.compat), last in the run."""
+    import json
+    from pathlib import Path
+
+    from alphaquant.export.compat import serving_warnings
+    cfg = Path(output_dir) / "config.json" if output_dir else None
+    if cfg is None or not cfg.is_file():
+        return []
+    lines = serving_warnings(json.loads(cfg.read_text()))
+    from rich.text import Text
+    for line in lines:                  # Text: the line's brackets and regexes are not rich markup
+        console.print(Text("warning: ", style="bold yellow") + Text(line), soft_wrap=True)
+    return lines
