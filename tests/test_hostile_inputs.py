@@ -213,7 +213,7 @@ def nan_logits_in_head(env):
     # runs the head, so only the evaluation sees it
     _edit_tensors(env.model_copy(), lambda t: t["lm_head.weight"].fill_(3e38))
     path = env.config(_set("eval", enabled=True, seq_len=32, max_windows=2))
-    return ["--config", str(path)], ["logits", "head (model.norm + lm_head", "NaN or Inf", "eval.dataset",
+    return ["--config", str(path)], ["logits", "head (final norm + lm_head", "NaN or Inf", "eval.dataset",
                                      "perplexity is undefined"]
 
 
@@ -221,7 +221,7 @@ def nan_outputs_of_a_layer_in_eval(env):
     # the original model's layer 1 overflows: its evaluation pass runs before the layer's calibration
     _edit_tensors(env.model_copy(), lambda t: t["model.layers.1.post_attention_layernorm.weight"].fill_(3e38))
     path = env.config(_set("eval", enabled=True, seq_len=32, max_windows=2))
-    return ["--config", str(path)], ["the original model's outputs of decoder layer 1 (model.layers.1)",
+    return ["--config", str(path)], ["the original model's outputs of decoder layer 1 (counting from 0)",
                                      "NaN or Inf", "perplexity is undefined"]
 
 

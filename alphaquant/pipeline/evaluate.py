@@ -124,7 +124,9 @@ def non_finite_origin(model, x: torch.Tensor) -> str:
                 first.append(i)
         return check
 
-    layers = list(model.model.layers)
+    layers = list(getattr(getattr(model, "model", None), "layers", None) or [])
+    if not layers:
+        return "the model has no model.layers to narrow it down"
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         model(x)

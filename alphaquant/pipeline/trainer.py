@@ -208,16 +208,18 @@ class FiniteEvaluation(L.Callback):
         self._bad = None
         what = f"the {self.STREAMS[plan.stream]} model's"
         if trainer.strategy.reduce_boolean_decision(local, all=False):
-            where = (f"outputs of decoder layer {layer} (model.layers.{layer})" if plan.phase == "propagate" else
-                     "logits, made in the head (model.norm + lm_head: every decoder layer's outputs were finite),")
+            where = (f"outputs of decoder layer {layer} (counting from 0)" if plan.phase == "propagate" else
+                     "logits, made in the head (final norm + lm_head: every decoder layer's outputs were finite),")
             fix = ("they overflow even in float32: check the checkpoint's weights" if self.dtype == "float32" else
                    f"they overflow in model.dtype {self.dtype}: set model.dtype to float32, or check the weights")
             raise UserError(f"{what} {where} hold NaN or Inf on the evaluation windows (eval.dataset), so its "
                             f"perplexity is undefined; {fix}")
         if plan.phase == "head":
             import math
+
+            from callbacks.perplexity import PerplexityCallback
             for cb in trainer.callbacks:
-                ppl = getattr(cb, "results", {}).get(plan.stream) if type(cb).__name__ == "PerplexityCallback" else None
+                ppl = cb.results.get(plan.stream) if isinstance(cb, PerplexityCallback) else None
                 if ppl is not None and not math.isfinite(ppl):
                     raise UserError(f"{what} perplexity overflows ({ppl}) although its logits are finite: its mean "
                                     f"next-token loss on eval.dataset is too large for exp(); check the weights")
