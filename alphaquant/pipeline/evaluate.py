@@ -135,7 +135,7 @@ def non_finite_origin(model, x: torch.Tensor) -> str:
             h.remove()
     if first:
         return (f"the hidden states turn non-finite in model.layers.{first[0]} (the output of that decoder "
-                f"layer; its weights overflow in {next(model.parameters()).dtype})")
+                f"layer; its weights overflow in {str(next(model.parameters()).dtype).removeprefix('torch.')})")
     return "the decoder layers' outputs are finite, so the head (model.norm + lm_head) produces them"
 
 
