@@ -137,6 +137,8 @@ class HFCausalLM(nn.Module):
         self.lazy = False
         self.experts: dict[int, dict[str, Any]] = {}       # layer -> {path in layer: ExpertsLayout}
         self._plans: dict[int, LayerKeyPlan] = {}
+        self._structures: dict[int, tuple] = {}
+        self._renumbers: dict[tuple, bool] = {}     # structure -> its plans follow by renumbering
         self._non_layer: LayerKeyPlan | None = None
         self._kwargs = _LayerKwargs(self)
         for i, layer in enumerate(self.model.layers):
@@ -210,20 +212,43 @@ class HFCausalLM(nn.Module):
         return out, fused, owners
 
     def key_plan(self, i: int | None) -> LayerKeyPlan:
-        """Checkpoint sources of layer i's tensors (None: the tensors outside the layers)."""
-        cache = self._plans if i is not None else None
-        if i is not None and i in self._plans:
-            return self._plans[i]
-        if i is None and self._non_layer is not None:
+        """Checkpoint sources of layer i's tensors (None: the tensors outside the layers).
+
+        transformers' inverse conversion costs ~0.8 s for a 128-expert layer, so it runs for the first two
+        layers of each structure; when the second one's plan is the first one's with the layer index
+        substituted, later layers of that structure get theirs by substitution too."""
+        if i is None:
+            if self._non_layer is None:
+                tensors, fused, _ = self._hf_tensors("", None)
+                self._non_layer = layer_plan(self.hf, tensors, fused)
             return self._non_layer
-        prefix = f"model.layers.{i}." if i is not None else ""
-        tensors, fused, _ = self._hf_tensors(prefix, i)
-        plan = layer_plan(self.hf, tensors, fused)
-        if cache is not None:
-            cache[i] = plan
+        if i in self._plans:
+            return self._plans[i]
+        shape = self._structure(i)
+        seen = [j for j in sorted(self._plans) if self._structure(j) == shape]
+        if len(seen) >= 2 and shape not in self._renumbers:
+            self._renumbers[shape] = self._substitutes(seen[0], seen[1])
+        if len(seen) >= 2 and self._renumbers[shape]:
+            plan = _renumber(self._plans[seen[0]], seen[0], i)
         else:
-            self._non_layer = plan
+            tensors, fused, _ = self._hf_tensors(f"model.layers.{i}.", i)
+            plan = layer_plan(self.hf, tensors, fused)
+        self._plans[i] = plan
         return plan
+
+    def _structure(self, i: int) -> tuple:
+        if i not in self._structures:
+            layer = self.model.layers[i]
+            self._structures[i] = (type(layer).__qualname__,) + tuple(
+                (k, tuple(p.shape)) for k, p in layer.named_parameters())
+        return self._structures[i]
+
+    def _substitutes(self, a: int, b: int) -> bool:
+        pa, pb = _renumber(self._plans[a], a, b), self._plans[b]
+        same = lambda x, y: [(k, c, None if r is None else r.tolist()) for k, v in x.fused.items()  # noqa: E731
+                             for c, r in v] == [(k, c, None if r is None else r.tolist())
+                                                for k, v in y.fused.items() for c, r in v]
+        return pa.plain == pb.plain and pa.shapes == pb.shapes and same(pa, pb)
 
     def check_keys(self) -> None:
         """CheckpointError naming tensors the model needs that the checkpoint lacks (headers only)."""
@@ -302,6 +327,14 @@ class HFCausalLM(nn.Module):
                 if p is not None:
                     mod._parameters[leaf] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
                                                          requires_grad=False)
+
+
+def _renumber(plan: LayerKeyPlan, a: int, b: int) -> LayerKeyPlan:
+    """Layer a's plan with 'layers.{a}.' replaced by 'layers.{b}.' in model and checkpoint keys."""
+    f = lambda k: k.replace(f"layers.{a}.", f"layers.{b}.")  # noqa: E731
+    return LayerKeyPlan(plain={f(k): f(v) for k, v in plan.plain.items()},
+                        fused={f(k): [(f(c), r) for c, r in v] for k, v in plan.fused.items()},
+                        shapes={f(k): v for k, v in plan.shapes.items()})
 
 
 def _layout_shapes(layout, ex: LinearExperts) -> dict[str, tuple[int, ...]]:

@@ -189,3 +189,23 @@ def test_refusals_name_the_reason(tmp_path):
         hf_backend.build_meta(cfg, torch.float32)
     with pytest.raises(models.UnsupportedModelError, match="layout"):
         arch.detect({"model_type": "gpt2", "n_layer": 1})
+
+
+def test_renumbered_key_plans_equal_transformers_conversion(tmp_path):
+    """Layers past the second of a structure get their checkpoint key plan by renumbering; it must equal what
+    transformers' inverse conversion gives for that layer (Mixtral: renamed block + w1/w3/w2 merged)."""
+    from models import hf_backend
+    from models.hf_keys import layer_plan
+    import tiny
+    d = tiny.make_checkpoint("mixtral", tmp_path / "mixtral", num_hidden_layers=4)
+    model = hf_backend.skeleton(d, "float32")
+    for i in range(4):
+        got = model.key_plan(i)
+        tensors, fused, _ = model._hf_tensors(f"model.layers.{i}.", i)
+        want = layer_plan(model.hf, tensors, fused)
+        assert got.plain == want.plain and got.shapes == want.shapes
+        assert {k: [(c, r.tolist()) for c, r in v] for k, v in got.fused.items()} == \
+            {k: [(c, r.tolist()) for c, r in v] for k, v in want.fused.items()}
+    assert model._renumbers and all(model._renumbers.values())
+    assert "model.layers.3.block_sparse_moe.experts.2.w3.weight" in {c for c, _ in got.fused[
+        "model.layers.3.mlp.experts.gate_up_proj"]}
