@@ -308,7 +308,8 @@ class HFCausalLM(nn.Module):
             norms = torch.stack([torch.linalg.vector_norm(t, float("inf")).float() for t in floats])
             if not bool(torch.isfinite(norms).all()):
                 bad = next(k for k, t in placed.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-                raise CheckpointError(f"the weight {bad!r} in {self.checkpoint.directory} holds NaN or Inf values "
+                where = self.checkpoint.directory if self.checkpoint is not None else "the checkpoint"
+                raise CheckpointError(f"the weight {bad!r} in {where} holds NaN or Inf values "
                                       f"(in {self.dtype}); the checkpoint is corrupt or overflows this dtype.")
         for k, t in placed.items():
             owner, _, leaf = k.rpartition(".")

@@ -227,3 +227,18 @@ def test_hessian_modes(mode, work):
             assert r.tokens == T, n
     if mode == "uniform":          # routed mode weights by the applied routing weights (scaled by 2.5 here)
         assert any(abs(r.weight_sum - r.tokens) > 1e-3 for n, r in routed.results["records"].items() if n in experts)
+
+
+@pytest.mark.parametrize("model_type", E2E)
+def test_load_quantized_generic_exact(model_type, work):
+    """Our reader gives back exactly the quantized model (every tensor, the logits), GPT-OSS included."""
+    from alphaquant.arch.generic_checkpoint import load_quantized_generic
+    s, _, out = run(work, model_type)
+    q = load_quantized_generic(out, dtype="fp32")
+    ours, back = dict(s.model.named_parameters()), dict(q.named_parameters())
+    assert set(ours) == set(back)
+    for k in ours:
+        assert torch.equal(ours[k], back[k]), k
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(s.model(ids), q(ids))
