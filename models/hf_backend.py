@@ -48,8 +48,9 @@ def hf_config(source: str | os.PathLike | dict):
     except (ValueError, KeyError, OSError) as e:
         mt = source.get("model_type") if isinstance(source, dict) else _model_type_of(source)
         raise UnsupportedModelError(
-            f"model_type {mt!r} is not an architecture this transformers build can construct offline "
-            f"({str(e).splitlines()[0][:160]}), nor one of AlphaQuant's local families.") from None
+            f"model_type {mt!r} is not supported: transformers cannot build it offline "
+            f"({str(e).splitlines()[0][:160]}) and it is not one of AlphaQuant's local families "
+            f"(olmoe, qwen2_moe, mixtral, deepseek_moe / deepseek).") from None
 
 
 def _model_type_of(directory) -> Any:

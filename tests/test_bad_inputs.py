@@ -231,9 +231,9 @@ def config_json_not_json(env):
 def unsupported_family(env):
     cfg_path = env.model_copy() / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "llama_v9"      # neither a local family nor an architecture transformers builds
     cfg_path.write_text(json.dumps(cfg))
-    return ["--config", str(env.config()), "--dry-run"], ["'llama' is not supported", "olmoe", "mixtral",
+    return ["--config", str(env.config()), "--dry-run"], ["'llama_v9' is not supported", "olmoe", "mixtral",
                                                           "qwen2_moe", "deepseek"]
 
 
