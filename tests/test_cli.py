@@ -27,6 +27,11 @@ def test_every_shipped_config_dry_runs_against_a_tiny_model(config, tmp_path, ca
     if family is not None:   # hub configs: point them at a tiny checkpoint of the same family
         ckpt = tiny.make_checkpoint(family, tmp_path / family, **{k: v for k, v in WIDE.items()})
         args += ["--model.path", str(ckpt)]
+    else:                    # generic-path configs (transformers' classes): a tiny model of the same type
+        from test_generic_models import tiny_for_shipped_config
+        ckpt = tiny_for_shipped_config(config.stem, tmp_path / config.stem)
+        if ckpt is not None:
+            args += ["--model.path", str(ckpt)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "modules per format" in out and "skip" in out

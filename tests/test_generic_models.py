@@ -57,6 +57,23 @@ def make_hf_checkpoint(model_type: str, directory: Path, seed: int = 0, tokenize
     return Path(directory)
 
 
+# Tiny stand-ins for the shipped generic-path configs (configs/<stem>.yaml), with shapes their recipes'
+# group sizes divide (int4/g128 on every linear but the experts'): used by test_cli's dry runs
+SHIPPED = {
+    "qwen3_moe": dict(hidden_size=128, head_dim=32, intermediate_size=128, moe_intermediate_size=64),
+    "deepseek_v3": dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, q_lora_rank=128,
+                        kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32),
+    "llama": dict(hidden_size=128, intermediate_size=128),
+}
+
+
+def tiny_for_shipped_config(stem: str, directory: Path) -> Path | None:
+    """A tiny transformers checkpoint for configs/<stem>.yaml of the generic path, else None."""
+    if stem not in SHIPPED:
+        return None
+    return make_hf_checkpoint(stem, directory, **SHIPPED[stem])
+
+
 def hf_reference(directory: Path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
