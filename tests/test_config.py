@@ -100,7 +100,7 @@ BAD = [  # (yaml, argv, words the message must contain)
     (MINIMAL + "output: {overwrite: 1}\n", [], ["output.overwrite", "true or false"]),
     (MINIMAL, ["--calibration.seq_len", "long"], ["calibration.seq_len", "the command line"]),
     (MINIMAL + "calibration: {hessian: route}\n", [], ["calibration.hessian", "'routed'"]),
-    (MINIMAL + "model: {path: x, dtype: fp32}\n", [], ["model.dtype", "float32"]),
+    ("model: {path: x, dtype: fp32}\n", [], ["model.dtype", "float32"]),
     (MINIMAL + "trainer: {devices: two}\n", [], ["trainer.devices", "'auto'"]),
     (MINIMAL + "quant: {default: {wq: int9}}\n", [], ["quant.default.wq", "int9", "int8"]),
     (MINIMAL + "quant: {overrides: [{pattern: a, wq: mxfp5}]}\n", [], ["quant.overrides[0].wq", "mxfp5"]),
