@@ -13,11 +13,12 @@ import argparse
 import errno
 import os
 import sys
-import time
 
-from alphaquant.errors import ConfigError, UserError
+from alphaquant.api.checks import check_devices, check_recipe, preflight  # noqa: F401 (shared with the Python API)
+from alphaquant.errors import UserError
 
-USAGE = "python train_quant.py --config CONFIG.yaml [--dry-run] [--overwrite] [--eval-only DIR] [--section.key VALUE ...]"
+USAGE = ("python train_quant.py --config CONFIG.yaml [--recipe FILE] [--dry-run] [--print-config] [--overwrite]\n"
+         "       [--eval-only DIR] [--section.key VALUE ...]   (installed: alphaquant ...)")
 
 # errno of a failed write -> what the user is told
 WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -26,11 +27,20 @@ WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
 
 
 def parse_cli(argv):
-    p = argparse.ArgumentParser(prog="train_quant.py", usage=USAGE, description=__doc__.splitlines()[0])
+    """(the CLI's own flags, the rest: --section.key VALUE config overrides)."""
+    from alphaquant.cli_help import render_keys
+
+    p = argparse.ArgumentParser(prog="train_quant.py", usage=USAGE, description=__doc__.splitlines()[0],
+                                epilog=render_keys(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)      # --eval is a config section, not --eval-only
     p.add_argument("--config", help="YAML run configuration (configs/*.yaml)")
+    p.add_argument("--recipe", metavar="FILE", help="a recipe file (.json/.yaml: the quant section, e.g. "
+                   "configs/gptq_olmoe_mixed.json) that replaces the config's quant section")
     p.add_argument("--dry-run", action="store_true", help="print the per-module plan and memory estimate, then exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--eval-only", metavar="DIR", help="evaluate a saved quantized checkpoint and exit")
+    p.add_argument("--eval-only", metavar="DIR", help="evaluate a saved quantized checkpoint and exit "
+                   "(--config is optional: without it model.path is DIR)")
     return p.parse_known_args(argv)
 
 
@@ -95,12 +105,23 @@ def _is_model_input_error(e: BaseException) -> bool:
 
 
 def run(args, rest, state: dict | None = None) -> int:
+    """The CLI over `alphaquant.api.run_config`, the function `alphaquant.quantize` calls too."""
+    from alphaquant.cli_help import check_flags
     from alphaquant.config import load_config
 
     state = {} if state is None else state
+    check_flags(rest)                     # a typo in a flag: the closest known one, before any file is read
+    if args.recipe is not None:           # first, so --quant.* flags refine the recipe
+        rest = ["--quant", args.recipe, *rest]
+    if args.eval_only and args.config is None:
+        rest = ["--model.path", args.eval_only, *rest]    # the checkpoint's own config.json and tokenizer
     cfg = load_config(args.config, rest)
     if args.overwrite:
         cfg.output.overwrite = True
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     if cfg.output.save:
         state["out_dir"] = cfg.output.dir
         state["resume"] = cfg.output.resume and not args.eval_only
@@ -108,90 +129,23 @@ def run(args, rest, state: dict | None = None) -> int:
         from alphaquant.pipeline.evaluate import evaluate_checkpoint
         check_devices(cfg.trainer)
         return evaluate_checkpoint(cfg, args.eval_only)
-    check_recipe(cfg)                     # the recipe against the model's shapes, from config.json alone
-    if not args.dry_run:                  # a plan needs no data, and may be made on a laptop for a GPU machine
-        preflight(cfg)                    # data files, tokenizer, devices: no weights read
-    from alphaquant.pipeline.session import CalibrationSession
-
-    session = CalibrationSession(cfg)
-    session.prepare()                     # model skeleton, recipe, output dir: no weights read yet
-    if args.dry_run:
-        session.print_plan()
-        return 0
-    t0 = time.perf_counter()
-    session.run()
-    session.finish(time.perf_counter() - t0)
+    from alphaquant.api import run_config
+    run_config(cfg, dry_run=args.dry_run)
     return 0
 
 
-def check_recipe(cfg) -> None:
-    """Resolve the recipe on the meta skeleton of a local model (config.json only, no weights), so a
-    group size that does not divide or a pattern that matches nothing fails before a model load.
-    A hub id is checked by the session once its files are fetched."""
-    model_dir = cfg.model.local_dir
-    if model_dir is None:
-        return
-    from alphaquant.arch import load_model
-    from alphaquant.recipe import resolve_recipe
+def console_main() -> int:
+    """`alphaquant` / `python train_quant.py`: main() with stdout closed early (`| head`) ending quietly."""
+    try:
+        try:
+            code = main()
+        except SystemExit as e:            # argparse: --help, a usage error
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader is gone: point stdout at /dev/null so the interpreter's final flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13          # as a shell reports a process ended by SIGPIPE
+    return code
 
-    model, adapter = load_model(cfg.model, skeleton_only=True)
-    resolve_recipe(cfg.quant, adapter.linear_modules(model))
-
-
-def preflight(cfg) -> None:
-    """Checks that need no weights, so a typo costs seconds, not a model load.
-
-    A local model directory's config.json gives the vocabulary size and the maximum sequence
-    length the data is checked against; a hub id is checked when the session fetches it.
-    """
-    from alphaquant.data import check_calibration_memory, check_sources, check_tokenizer_dir, needs_tokenizer
-    from alphaquant.pipeline.trainer import check_wandb_online
-
-    vocab_size = max_pos = None
-    model_dir = cfg.model.local_dir
-    if model_dir is not None:
-        from alphaquant.arch import model_limits
-        vocab_size, max_pos = model_limits(cfg.model)
-    check_sources(cfg, vocab_size=vocab_size, max_pos=max_pos)
-    if needs_tokenizer(cfg):
-        check_tokenizer_dir(cfg.model.tokenizer or cfg.model.path,
-                            "model.tokenizer" if cfg.model.tokenizer else "model.tokenizer (default: model.path)")
-    check_devices(cfg.trainer)
-    hidden = _hidden_size(model_dir) if model_dir is not None else None
-    if hidden is not None:                # the windows' activations against host RAM / GPU memory
-        import torch
-        gpus = torch.cuda.device_count() if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else 0
-        gpus = min(gpus, cfg.trainer.devices) if isinstance(cfg.trainer.devices, int) and gpus else gpus
-        # free memory of GPU 0 (a CUDA context in this process: not before a ddp_fork, which forbids one)
-        free = torch.cuda.mem_get_info(0)[0] if gpus and cfg.trainer.strategy != "ddp_fork" else None
-        check_calibration_memory(cfg, hidden, gpus=gpus, gpu_free=free)
-    check_wandb_online(cfg.logging.wandb)  # credentials + a 3 s probe, not wandb.init's retries after the load
-
-
-def _hidden_size(model_dir) -> int | None:
-    """config.json's hidden_size (a multimodal config nests it in text_config); None when absent."""
-    from models.loading import read_config_dict
-
-    d = read_config_dict(model_dir)
-    h = d.get("hidden_size", (d.get("text_config") or {}).get("hidden_size"))
-    return h if isinstance(h, int) and not isinstance(h, bool) and h > 0 else None
-
-
-def check_devices(t) -> None:
-    """ConfigError when trainer.accelerator/devices ask for more than this machine has."""
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    acc = t.accelerator if t.accelerator != "auto" else ("gpu" if gpus else "cpu")
-    if acc in ("gpu", "cuda"):
-        if gpus == 0:
-            raise ConfigError(f"trainer.accelerator is {t.accelerator!r} but torch sees no CUDA GPU on this "
-                              f"machine; set trainer.accelerator to cpu or auto")
-        if isinstance(t.devices, int) and t.devices > gpus:
-            raise ConfigError(f"trainer.devices is {t.devices} but this machine has {gpus} CUDA GPU(s); "
-                              f"set trainer.devices to at most {gpus} or auto")
-    elif isinstance(t.devices, int):
-        cpus = os.cpu_count() or 1
-        if t.devices > cpus:
-            raise ConfigError(f"trainer.devices is {t.devices} but this machine has {cpus} CPU cores (on CPU each "
-                              f"device is a process); set trainer.devices to at most {cpus}, 1 is usual")

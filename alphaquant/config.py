@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Literal
 
 from alphaquant.errors import ConfigError
+from alphaquant.recipe_file import load_recipe_file
 from alphaquant.quant_config import AQ_NAMES, GptqConfig, QuantConfig, QuantOverride, QuantRule, weight_format_names
 from alphaquant.schema import build, check_key_path, yaml_load
 
 __all__ = ["AQ_NAMES", "CalibrationConfig", "Config", "EvalConfig", "GptqConfig", "LoggingConfig",
            "ModelConfig", "OutputConfig", "QuantConfig", "QuantOverride", "QuantRule", "TrainerConfig",
-           "load_config", "parse_overrides", "weight_format_names"]
+           "load_config", "parse_overrides", "read_config_file", "weight_format_names"]
 
 
 def _positive(path: str, **values) -> None:
@@ -112,12 +113,12 @@ class EvalConfig:
     # e.g. [uniform] to measure what routing-weighted Hessians buy
     compare_hessians: list[Literal["routed", "uniform", "all_experts"]] = field(default_factory=list)
     dataset: str = "wikitext2"     # same kinds of source as calibration.dataset
-    split: str = "test"
-    text_field: str = "text"
-    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    split: str = "test"            # as calibration.split (test = the last 10% of a local file)
+    text_field: str = "text"       # the field holding the text in a .jsonl file
+    token_dtype: Literal["uint16", "uint32"] = "uint16"   # element type of a raw .bin token file
     seq_len: int = 2048            # non-overlapping windows, remainder dropped (GPTQ convention)
     max_windows: int | None = None  # null = all windows
-    batch_size: int = 1
+    batch_size: int = 1            # windows per forward pass
 
     def check(self, path: str) -> None:
         _positive(path, seq_len=self.seq_len, max_windows=self.max_windows, batch_size=self.batch_size)
@@ -129,10 +130,10 @@ class EvalConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    devices: int | Literal["auto"] = "auto"
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork"] = "auto"
-    num_nodes: int = 1
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"   # Lightning accelerator; auto = a GPU if any
+    devices: int | Literal["auto"] = "auto"        # devices per node (DDP when > 1 with strategy ddp)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork"] = "auto"   # Lightning strategy
+    num_nodes: int = 1                             # machines running the same Trainer
 
     def check(self, path: str) -> None:
         _positive(path, num_nodes=self.num_nodes,
@@ -141,16 +142,16 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "alphaquant"
-    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"   # online needs `wandb login`
+    project: str = "alphaquant"    # W&B project
+    entity: str | None = None      # W&B team or user; null = your default entity
     name: str | None = None        # default: the run name
     dir: str = "logs"              # W&B writes under <dir>/wandb
 
 
 @dataclass
 class CsvConfig:
-    enabled: bool = True
+    enabled: bool = True           # write metrics.csv through Lightning's CSVLogger
     dir: str = "logs"              # metrics.csv under <dir>/<run name>/
 
 
@@ -158,7 +159,7 @@ class CsvConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     csv: CsvConfig = field(default_factory=CsvConfig)
-    log_every_n_steps: int = 1
+    log_every_n_steps: int = 1     # Lightning's logging interval (steps of a predict pass)
 
     def check(self, path: str) -> None:
         _positive(path, log_every_n_steps=self.log_every_n_steps)
@@ -169,6 +170,7 @@ class OutputConfig:
     dir: str | None = None         # default: outputs/<run name>; written atomically
     overwrite: bool = False        # replace an existing output dir (else it is an error)
     save: bool = True              # write the quantized checkpoint
+    # compressed-tensors: servable (vLLM, transformers); dequantized: plain safetensors of the rounded weights
     format: Literal["compressed-tensors", "dequantized"] = "compressed-tensors"
     # keep each finished layer's solved weights in .<dir name>.resume beside dir; rerunning the same
     # command after a crash continues after the last finished layer (bit-identical result)
@@ -296,34 +298,46 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     `'[{pattern: lm_head, skip: true}]'` a list); the command line wins over the file.
     Errors say whether the bad value came from the file or from the command line.
     """
-    data: dict = {}
-    label = "the defaults"
-    if path is not None:
-        p, label = Path(path), str(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist" if not p.exists()
-                              else f"config path '{path}' is not a file")
-        data = yaml_load(_read_utf8(p, label), label)
-        if data is None:
-            data = {}
+    data, label = read_config_file(path) if path is not None else ({}, "the defaults")
+    recipes: dict[str, str] = {}                # "quant" -> where the recipe file came from
+    if isinstance(data, dict) and isinstance(data.get("quant"), str):     # `quant: FILE`: a recipe file
+        recipes["quant"] = f"the recipe file '{data['quant']}' (quant in {label})"
+        data["quant"] = load_recipe_file(data["quant"], f"quant in {label}")
     cli: dict[str, str] = {}                    # key path as in messages -> flag
     for key, raw in parse_overrides(list(overrides)):
         flag = f"--{key}"
         keys = _split_key(key)
         check_key_path(Config, keys, flag)
         value = raw if raw == "" else yaml_load(raw, f"the value of {flag}")
+        if keys == ["quant"] and isinstance(value, str):     # --quant FILE (what --recipe FILE becomes)
+            recipes["quant"] = f"the recipe file '{value}' (the command line)"
+            cli.pop("quant", None)
+            value = load_recipe_file(value, flag if flag != "--quant" else "--recipe")
+        else:
+            cli[_message_path(keys)] = flag
         _set(data, keys, value, flag)
-        cli[_message_path(keys)] = flag
 
     def source(p: str) -> str:
         for k, flag in cli.items():
             if p == k or p.startswith((k + ".", k + "[")):
                 return f"the command line, {flag}"
+        if "quant" in recipes and (p == "quant" or p.startswith("quant.")):
+            return recipes["quant"]
         if any(k.startswith((p + ".", p + "[")) for k in cli):
             return f"{label} + the command line"
         return label
 
     return build(Config, data, source)
+
+
+def read_config_file(path: str | os.PathLike) -> tuple[dict, str]:
+    """(the YAML mapping in `path`, its label for messages); ConfigError when it is missing or not YAML."""
+    p, label = Path(path), str(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist" if not p.exists()
+                          else f"config path '{path}' is not a file")
+    data = yaml_load(_read_utf8(p, label), label)
+    return ({} if data is None else data), label
 
 
 def _read_utf8(p: Path, label: str) -> str:

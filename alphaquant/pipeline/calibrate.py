@@ -40,11 +40,13 @@ def build_and_walk(session, writer_factory) -> dict:
                        eval_before=cfg.eval.before, eval_rtn=cfg.eval.rtn)
     rank0 = trainer.global_rank == 0
     n_layers = adapter.num_layers(session.model)
-    progress = LayerProgress(n_layers, enabled=rank0)
+    # the saved run and the eval.compare_hessians runs are told apart in logs without a terminal
+    label = getattr(session, "progress_label", None) or f"quantize: {cfg.calibration.hessian} Hessians"
+    progress = LayerProgress(n_layers, enabled=rank0, label=label)
 
     def on_layer_end(i, stats):
-        progress.layer_done(i, stats)
         rows = layer_error_table({k: r for k, r in solver.records.items()}, [stats])
+        progress.layer_done(i, stats, mean_error=rows[0]["mean_rel_error"])
         for lg in loggers:
             lg.log_metrics({"layer/seconds": stats.seconds, "layer/mean_rel_error": rows[0]["mean_rel_error"],
                             "layer/max_rel_error": rows[0]["max_rel_error"]}, step=i)
@@ -62,6 +64,8 @@ def build_and_walk(session, writer_factory) -> dict:
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
                              on_layer_end=on_layer_end, progress=progress.group_done, resume=resume)
         perplexity = walker.run()
+        for k, v in perplexity.items():
+            progress.stream_done(_PPL_NAMES.get(k, k), v)
         release_cached_memory()
         stages["walk"] = time.perf_counter() - t0
         results = {

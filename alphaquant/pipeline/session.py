@@ -94,6 +94,7 @@ class CalibrationSession:
         cfg.logging.wandb.mode, cfg.logging.csv.enabled = "disabled", False
         other = copy.copy(self)
         other.cfg, other.extra_perplexity, other.stage_seconds = cfg, {}, {}
+        other.progress_label = f"compare: {mode} Hessians, not saved"
         other.model, other.adapter = load_model(cfg.model)
         from alphaquant.pipeline.calibrate import build_and_walk
         return build_and_walk(other, None)["perplexity"]["quantized"]
