@@ -157,6 +157,9 @@ class GptqConfig:
     static_groups: bool = True     # with act_order: group scales fixed from the original W
     true_sequential: bool = True   # q/k/v, then o, then gate/up, then down, each on quantized inputs
     sweep: Literal["auto", "torch"] = "auto"   # column sweep: auto = fused Triton kernel where it applies
+    # group params: none = from each group's extremes; mse = range shrunk to the least rounding error
+    # (gptq/scale_search.py); mse_hdiag = that error weighted per column by diag(H)
+    scale_search: Literal["none", "mse", "mse_hdiag"] = "none"
 
     def check(self, path: str) -> None:
         if self.block_size <= 0:

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from alphaquant.formats.base import Format, QTensor
+from alphaquant.formats.base import Format, QParams, QTensor
 
 from . import fused_sweep
+from .scale_search import MODES as SCALE_SEARCH_MODES
+from .scale_search import choose_params
 from .linalg import CHOLESKY_FAILED, NO_TOKENS, damped_inverse_factor, fix_dead_columns
 from .sweep import DynamicColumnParams, StaticColumnParams, cat_group_params, gptq_sweep, map_tensors
 
@@ -118,7 +120,7 @@ def _identity_result(W: torch.Tensor, fmt: Format, E: int) -> GPTQResult:
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
                   max_damp: float = 1.0, cuda_graph: bool | None = None,
-                  fused: bool | None = None) -> GPTQResult:
+                  fused: bool | None = None, scale_search: str = "none") -> GPTQResult:
     """Quantize W [R, C] / [E, R, C] to `fmt` with GPTQ, given H [C, C] / [E, C, C].
 
     H is the (normalised) Hessian 2/N Σ c x xᵀ of the layer inputs, see `HessianState`;
@@ -131,6 +133,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: 
     fused: run each lazy block as one Triton kernel (gptq/fused_sweep.py; None: on where
     it applies: CUDA, Triton importable, static groups, a format with an elementwise
     rounding, block_size <= 256); equal to the torch sweep up to float32 rounding.
+    scale_search: how group params are chosen (gptq/scale_search.py): "none" = fmt.params,
+    "mse" = each group's range shrunk to its least rounding error, "mse_hdiag" = the same
+    error weighted per column by diag(H). Only the choice of params changes, so the fused
+    sweep and export round against them as against any params.
     Computes in float32 (float64 if W or H is float64). Raises ValueError on NaN/Inf.
     """
     W3, H3 = _check_inputs(W, H, block_size, damp)
@@ -143,12 +149,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: 
     order = perm if act_order else torch.arange(C, device=W.device).expand(E, C)   # [E, C]
     Wf = W3.to(dtype)                                                    # [E, R, C]
     Wt = Wf.transpose(1, 2).gather(1, order[:, :, None].expand(E, C, R)).contiguous()  # [E, C, R]
+    if scale_search not in SCALE_SEARCH_MODES:
+        raise ValueError(f"scale_search must be one of {', '.join(SCALE_SEARCH_MODES)}; got {scale_search!r}")
+    hdiag = H3.diagonal(dim1=-2, dim2=-1).to(dtype).unsqueeze(1) if scale_search == "mse_hdiag" else None  # [E, 1, C]
     if static_groups:
-        p_static = fmt.params(Wf)                                        # [E, R, G]
+        p_static = choose_params(fmt, Wf, scale_search, hdiag)           # [E, R, G]
         colparams = StaticColumnParams(p_static, order // g)
         blocksize = block_size
     else:
-        colparams = DynamicColumnParams(fmt, g)
+        colparams = (DynamicColumnParams(fmt, g) if scale_search == "none" else
+                     _SearchedDynamicParams(fmt, g, scale_search, None if hdiag is None else hdiag.gather(-1, order[:, None, :])))
         blocksize = _aligned_blocksize(block_size, g)
     can_fuse = static_groups and dtype == torch.float32 and fused_sweep.supports(fmt, W.device, blocksize)
     if fused and not can_fuse:
@@ -178,6 +188,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: 
         perm=out(perm) if act_order else None,
         g_idx=out(g_idx).to(torch.int32) if act_order else None,
         loss=loss.float(), fallback=reasons, damp=damp_used)
+
+
+class _SearchedDynamicParams(DynamicColumnParams):
+    """Dynamic groups whose params come from scale_search (hdiag [E, 1, C] in processing order)."""
+
+    def __init__(self, fmt: Format, g: int, mode: str, hdiag: torch.Tensor | None):
+        super().__init__(fmt, g)
+        self.mode, self.hdiag = mode, hdiag
+
+    def column(self, Wt: torch.Tensor, j: int, i: int) -> QParams:
+        if j % self.g == 0:
+            group = Wt[:, j:j + self.g].transpose(1, 2).contiguous()     # [E, R, g]
+            w = None if self.hdiag is None else self.hdiag[..., j:j + self.g]
+            self.groups.append(choose_params(self.fmt, group, self.mode, w))   # [E, R, 1]
+        return self.groups[-1]
 
 
 def _squeeze(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from alphaquant.pipeline.walker import LayerWalker, WalkOptions, peak_memory
 def solver_options(g) -> dict:
     """gptq_quantize's keyword arguments from the `gptq` config section."""
     return dict(block_size=g.block_size, damp=g.damp, act_order=g.act_order, static_groups=g.static_groups,
-                fused=None if g.sweep == "auto" else False)      # None: the fused sweep wherever it applies
+                fused=None if g.sweep == "auto" else False,      # None: the fused sweep wherever it applies
+                scale_search=g.scale_search)
 
 
 def build_and_walk(session, writer_factory) -> dict:
