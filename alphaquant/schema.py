@@ -163,8 +163,9 @@ def check_key_path(cls, keys: list[str], flag: str) -> type:
         names = field_names(tp)
         if key not in names:
             at = ".".join(keys[:i])
+            hint = closest(key, names, at).replace("mean '", "mean '--")    # the flag: '--calibration.seed'
             raise ConfigError(f"unknown option {flag} (allowed at {repr(at) if at else 'the top level'}: "
-                              f"{', '.join(names)}){closest(key, names, '--' + at if at else '--')}")
+                              f"{', '.join(names)}){hint}")
         tp = field_types(tp)[key]
     return tp
 
