@@ -202,7 +202,9 @@ class HFCausalLM(nn.Module):
             return out, fused, owners
         ex = self.experts[layer]
         for k, p in mod.named_parameters(remove_duplicate=False):
-            if not any(k.startswith(path + ".") for path in ex):
+            # per-expert linears come from the fused tensors; anything else in an experts module (a post-expert
+            # norm) is an ordinary tensor under the same name as in transformers' model
+            if not any(k.startswith(path + ".") and k[len(path) + 1:].split(".", 1)[0].isdigit() for path in ex):
                 out[prefix + k] = p
         for path, layout in ex.items():
             for name, shape in _layout_shapes(layout, mod.get_submodule(path)).items():
