@@ -1,0 +1,48 @@
+"""DDP on CPU (gloo, 2 processes) on the generic path: a Qwen3-MoE run (transformers' classes) gives the
+token counts of one process exactly and its errors and perplexities to fp32 summation order."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny
+from pipeline_utils import write_config
+from test_generic_models import make_hf_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+# the router of Qwen3-MoE is no linear: a '*.gate' rule (pipeline_utils' default) would match nothing
+QUANT = {"default": {"wq": "int4", "group_size": 32},
+         "overrides": [{"pattern": "*.experts.*", "wq": "mxfp4/32"}, {"pattern": "lm_head", "skip": True}]}
+
+
+def _run(tmp: Path, ckpt: Path, corpus: Path, name: str, devices: int, strategy: str) -> Path:
+    cfg = write_config(tmp / f"{name}.yaml", ckpt, corpus, quant=QUANT,
+                       trainer={"accelerator": "cpu", "devices": devices, "strategy": strategy},
+                       calibration={"num_samples": 8, "batch_size": 1},
+                       eval={"max_windows": 4, "batch_size": 1},
+                       output={"save": True, "dir": str(tmp / name)})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "train_quant.py"), "--config", str(cfg)],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / name
+
+
+def test_generic_ddp_equals_single_process(tmp_path):
+    ckpt = make_hf_checkpoint("qwen3_moe", tmp_path / "qwen3_moe")
+    corpus = tiny.write_corpus(tmp_path)
+    runs = _run(tmp_path, ckpt, corpus, "one", 1, "auto"), _run(tmp_path, ckpt, corpus, "two", 2, "ddp")
+    one, two = (json.loads((d / "alphaquant_summary.json").read_text()) for d in runs)
+    assert one["family"] == two["family"] == "generic_moe"
+    assert [r["counts"] for r in one["experts"]] == [r["counts"] for r in two["experts"]]
+    assert one["experts"] and all(min(r["counts"]) > 0 for r in one["experts"])
+    for name, m in one["modules"].items():
+        assert two["modules"][name]["tokens"] == m["tokens"], name
+        assert two["modules"][name]["rel_error"] == pytest.approx(m["rel_error"], rel=1e-3, abs=1e-6), name
+    for k, v in one["perplexity"].items():
+        assert two["perplexity"][k] == pytest.approx(v, rel=1e-4), k
