@@ -233,6 +233,8 @@ def test_transformers_reads_ours_or_we_warn(sources, tmp_path, case, family):
     dtype, rules = CASES[case]
     ours, config = quantize_write(sources(family), tmp_path / "out", rules, dtype)
     assert_ct_reads(tmp_path / "out", ours)
+    back = load_quantized(tmp_path / "out")                         # our reader: every layout, exactly
+    assert all(torch.equal(p, ours.get_parameter(k)) for k, p in back.named_parameters())
     warns = serving_warnings(config)
     ok, what, hf = transformers_reads_it_right(ours, tmp_path / "out", dtype)
     assert ok == (not warns), (what, warns)
