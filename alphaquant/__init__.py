@@ -10,7 +10,7 @@ Errors a user can fix are `alphaquant.UserError` (ConfigError, DataError), as th
 """
 from alphaquant.errors import ConfigError, DataError, UserError
 
-__all__ = ["ConfigError", "DataError", "QuantizeResult", "UserError", "quantize"]
+__all__ = ["ConfigError", "DataError", "QuantizeResult", "UserError", "detect_moe_architecture", "quantize"]
 
 
 def __getattr__(name):
@@ -18,4 +18,7 @@ def __getattr__(name):
     if name in ("quantize", "QuantizeResult"):
         from alphaquant import api
         return getattr(api, name)
+    if name == "detect_moe_architecture":
+        from alphaquant.api.detect import detect_moe_architecture
+        return detect_moe_architecture
     raise AttributeError(f"module 'alphaquant' has no attribute {name!r}")

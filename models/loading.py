@@ -53,14 +53,18 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
     text = str(path_or_id)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
     if not looks_like_hub_id:
-        raise FileNotFoundError(f"model directory {text!r} does not exist.")
+        tried = "" if path.is_absolute() else f" (tried '{Path.cwd() / path}': a relative path is resolved against " \
+                                               f"the current directory)"
+        raise FileNotFoundError(f"model directory {text!r} does not exist{tried}.")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:  # offline, unknown repo, gated repo...
+        # relative paths are resolved against the current directory: say which directory was looked for
         raise FileNotFoundError(
-            f"{text!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"{text!r} is not a local directory (there is no '{Path.cwd() / path}'; a relative path is resolved "
+            f"against the current directory) and could not be fetched from the Hugging Face Hub "
             f"({type(e).__name__}: {e}).") from e
 
 
@@ -181,6 +185,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: str | torch.dtype | No
     """
     directory = resolve_checkpoint_dir(path_or_id)
     config_dict = read_config_dict(directory)
+    refuse_quantized(directory, config_dict)
     dtype = resolve_dtype(dtype, config_dict)
     model = _build_on_meta(config_dict, dtype)
     model.checkpoint = CheckpointReader(directory)
@@ -193,6 +198,20 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: str | torch.dtype | No
     else:
         _materialize(model, "", device, dtype)
     return model.eval()
+
+
+def refuse_quantized(directory: Path, config_dict: dict[str, Any]) -> None:
+    """CheckpointError for a quantized checkpoint: its packed codes are no full-precision weights to load."""
+    qc = config_dict.get("quantization_config")
+    if qc is None:
+        return
+    if isinstance(qc, dict) and "alphaquant" in qc:
+        raise CheckpointError(f"'{directory}' is an AlphaQuant quantized checkpoint (quantization_config in its "
+                              f"config.json); read it with alphaquant.export.load_quantized('{directory}'), "
+                              f"which decodes its weights")
+    method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+    raise CheckpointError(f"'{directory}' is a quantized checkpoint (quant_method {method!r} in its config.json); "
+                          f"models.from_pretrained reads full-precision checkpoints only")
 
 
 def from_config(config_dict: dict[str, Any], dtype: str | torch.dtype | None = None,

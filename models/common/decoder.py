@@ -79,6 +79,34 @@ class MoEForCausalLM(nn.Module):
         self.checkpoint = None  # a CheckpointReader once loaded from disk (lazy layers read from it)
         self.lazy = False  # True when loaded with lazy=True: decoder layers live on meta until load_layer
 
+    @classmethod
+    def from_pretrained(cls, path_or_id, torch_dtype=None, device_map=None, *, dtype=None, lazy: bool = False):
+        """transformers-style loading: `OlmoeForCausalLM.from_pretrained("allenai/OLMoE-1B-7B-0924",
+        torch_dtype=torch.bfloat16)`; the same as `models.from_pretrained(path, dtype=..., device=...)`.
+
+        torch_dtype (or dtype): a torch dtype or 'bf16'/'fp16'/'fp32'; None = config.json's.
+        device_map: None or "cpu" (host memory), "cuda", "cuda:N", a torch.device, or "auto" (the GPU if
+        there is one); the whole model goes to that one device (no per-module maps). Called on a family
+        class, the checkpoint must be of that family; MoEForCausalLM.from_pretrained takes any of the four.
+        A quantized checkpoint is refused with the reader to use (alphaquant.export.load_quantized).
+        """
+        from models.loading import from_pretrained
+
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError("give torch_dtype or dtype, not both")
+        if isinstance(device_map, dict):
+            raise ValueError("device_map as a per-module mapping is not supported: the model is loaded onto one "
+                             "device; pass 'cpu', 'cuda', 'cuda:N' or 'auto'")
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        model = from_pretrained(path_or_id, dtype=torch_dtype if torch_dtype is not None else dtype,
+                                device=device_map, lazy=lazy)
+        if not isinstance(model, cls):
+            raise ValueError(f"{str(path_or_id)!r} holds a {type(model).__name__} checkpoint (model_type "
+                             f"{model.config.model_type!r}), not a {cls.__name__}; load it with "
+                             f"{type(model).__name__}.from_pretrained or models.from_pretrained")
+        return model
+
     @property
     def family(self) -> str:
         return self.config.family
