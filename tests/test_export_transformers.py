@@ -305,3 +305,41 @@ def test_run_ends_with_one_warning_line_per_problem(sources, tmp_path):
     assert len(lines) == 1 and text.count("warning:") == 1 and text.strip().startswith("warning:")
     assert "nvfp4" in lines[0] and "transformers 5.24.0" in lines[0] and "weight_global_scale" in lines[0]
     assert print_serving_warnings(console, None) == []
+
+
+GENERIC = {"mxfp4-experts": ({"default": {"wq": "int4", "group_size": 32},
+                              "overrides": [{"pattern": "*.mlp.experts.*", "wq": "mxfp4"},
+                                            {"pattern": "lm_head", "skip": True}]},
+                             False),
+           "nvfp4-experts": ({"default": {"wq": "int4", "group_size": 32},
+                              "overrides": [{"pattern": "*.mlp.experts.*", "wq": "nvfp4"},
+                                            {"pattern": "lm_head", "skip": True}]},
+                             True)}
+
+
+@pytest.mark.parametrize("case", list(GENERIC))
+def test_generic_path_qwen3_moe(tmp_path, case):
+    """A model only transformers builds (Qwen3-MoE, the generic path through the calibration session):
+    the same prediction, checked against transformers' loader on the logits."""
+    from pipeline_utils import run_session, write_config
+    from test_generic_models import make_hf_checkpoint
+
+    from tiny import write_corpus
+    quant, broken = GENERIC[case]
+    src = make_hf_checkpoint("qwen3_moe", tmp_path / "src")
+    out = tmp_path / "out"
+    s = run_session(write_config(tmp_path / "c.yaml", src, write_corpus(tmp_path), quant=quant, eval={"enabled": False},
+                                 calibration={"num_samples": 4, "seq_len": 32, "batch_size": 2, "min_tokens_warn": 16},
+                                 output={"save": True, "dir": str(out)}))
+    config = json.loads((out / "config.json").read_text())
+    warns = serving_warnings(config)
+    assert bool(warns) == broken and (not broken or "WRONG" in warns[0]), warns
+    hf, log = hf_load(out, F32)
+    assert not [line for line in log if "Could not match" in line]
+    with torch.no_grad():
+        a = s.model(IDS).float()
+        for p in hf.parameters():                # FP4 experts come out in bf16 (exact values)
+            if p.dtype == torch.bfloat16:
+                p.data = p.data.float()
+        err = ((a - logits(hf)).abs().max() / a.abs().max()).item()
+    assert (err > 1e-2) if broken else (err <= 1e-5), err
