@@ -85,7 +85,9 @@ def local_path(source: str, key: str) -> Path:
     if p.suffix not in TEXT_SUFFIXES + TOKEN_SUFFIXES:
         raise DataError(f"{key} must be {kinds}; got {source!r}")
     if not p.is_file():
-        raise DataError(f"{key}: the file '{source}' does not exist (a source is {kinds})")
+        tried = "" if p.is_absolute() else f"; tried '{Path.cwd() / p}', as a relative path is resolved against " \
+                                            f"the current directory"
+        raise DataError(f"{key}: the file '{source}' does not exist (a source is {kinds}{tried})")
     return p
 
 

@@ -187,3 +187,16 @@ def test_import_alphaquant_is_light():
     code = "import alphaquant, sys; assert callable(alphaquant.quantize); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_loaded_model_without_tokenizer_and_text_data_says_what_to_pass(olmoe):
+    import models
+    _, ckpt, corpus = olmoe
+    cfg = {**tiny.BASE, **tiny.FAMILIES["olmoe"]}
+    bare = models.from_config(cfg, seed=1)              # built in memory: no directory, no tokenizer
+    with pytest.raises(ConfigError, match="pass tokenizer=") as e:
+        alphaquant.quantize(model=bare, calibration=str(corpus), eval=False, dry_run=True)
+    assert "an OlmoeForCausalLM" in str(e.value) and "\n" not in str(e.value)
+    r = alphaquant.quantize(model=bare, tokenizer=str(ckpt), recipe={"default": {"wq": "int4", "group_size": 32}},
+                            calibration=str(corpus), eval=False, dry_run=True)
+    assert r.config.name == "olmoe" and r.specs["model.layers.0.self_attn.q_proj"].wq == "int4"

@@ -112,3 +112,13 @@ def test_detect_moe_architecture_on_transformers_models():
     assert detect_moe_architecture(transformers.Qwen3MoeForCausalLM(qwen3)) == "generic_moe"
     assert set(importlib.import_module("alphaquant.api.detect").LABELS.values()) == {
         "olmoe", "qwen", "mixtral", "deepseek", "generic_moe", "standard"}
+
+
+def test_relative_data_paths_say_which_file_was_tried(tmp_path, monkeypatch):
+    from alphaquant.data_sources import load_text
+    from alphaquant.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_text("demo/corpus/train.txt", key="calibration.dataset")
+    assert str(tmp_path / "demo/corpus/train.txt") in str(e.value) and "current directory" in str(e.value)

@@ -125,6 +125,8 @@ def _build_config(model, recipe, calibration, sections, name, seed, config, toke
         raise ConfigError("alphaquant.quantize got a whole run config twice (recipe= and config=); give one")
     data, label = config_data(whole if whole is not None else config)
     given: dict[str, Any] = {}
+    import torch.nn as nn
+    loaded = model if isinstance(model, nn.Module) else None
     m = model_data(model, tokenizer, tmp)
     if m is not None:
         suggested = m.pop("_name", None)      # a loaded model's own name, not its temporary directory's
@@ -159,7 +161,23 @@ def _build_config(model, recipe, calibration, sections, name, seed, config, toke
             return f"alphaquant.quantize({'recipe' if top == 'quant' else top}=...)"
         return label
 
-    return build(Config, data, source)
+    cfg = build(Config, data, source)
+    if loaded is not None:
+        _check_loaded_tokenizer(cfg, loaded)
+    return cfg
+
+
+def _check_loaded_tokenizer(cfg, model) -> None:
+    """A loaded model whose tokenizer is unknown cannot tokenize text data: say what to pass."""
+    from alphaquant.data import TOKENIZER_VOCAB_FILES, needs_tokenizer
+    from alphaquant.errors import ConfigError
+    from alphaquant.api.inputs import kind
+
+    here = Path(cfg.model.path)
+    if cfg.model.tokenizer is None and needs_tokenizer(cfg) and not any((here / f).is_file() for f in TOKENIZER_VOCAB_FILES):
+        raise ConfigError(f"alphaquant.quantize(model=...) got {kind(model)} without a tokenizer (it was not loaded "
+                          f"from a directory holding one) and the calibration/eval data is text; pass tokenizer= "
+                          f"(a directory, hub id or tokenizer object), or token ids as calibration= and eval=")
 
 
 def run_config(cfg, dry_run: bool = False) -> QuantizeResult:
