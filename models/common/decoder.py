@@ -144,6 +144,12 @@ class MoEForCausalLM(nn.Module):
         """The head as a module (shares this model's norm and lm_head), for pipelines that run modules."""
         return LMHead(self.model.norm, self.lm_head)
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """Greedy (default) or sampled decoding with a KV cache: (B, S) prompt -> (B, S + n) ids.
+        kwargs: do_sample, temperature, top_k, top_p, eos_token_id, generator (models/common/generate.py)."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden, kw = self.prepare_layer_inputs(input_ids, attention_mask)
         for layer in self.model.layers:
