@@ -97,8 +97,10 @@ def test_eval_only_without_config_reads_the_checkpoint(cli_and_api, olmoe, capsy
     capsys.readouterr()
     assert main(["--eval-only", str(cli), "--eval.dataset", str(corpus), "--eval.seq_len", "32",
                  "--eval.max_windows", "2", "--trainer.accelerator", "cpu", "--model.dtype", "float32"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     result = json.loads(out[out.index("{"):])
+    assert "[eval-only] windows 2/2, " in captured.err          # evaluation shows progress without a terminal
     assert result["perplexity"] == pytest.approx(r.perplexity["quantized"], rel=1e-5)
 
 

@@ -262,3 +262,19 @@ def test_layer_progress_without_a_terminal_prints_one_flushed_line_per_layer():
     with LayerProgress(1, enabled=False, stream=quiet) as p:   # ranks other than 0
         p.layer_done(0, LayerStats(0, 1.0))
     assert quiet.getvalue() == ""
+
+
+def test_window_progress_without_a_terminal_prints_about_ten_lines_and_the_last():
+    import io
+
+    from alphaquant.pipeline.progress import WindowProgress
+
+    buf = io.StringIO()
+    with WindowProgress(25, stream=buf) as p:
+        for done in range(2, 26, 2):        # batches of 2, the last one of 1
+            p.update(min(done, 25))
+        p.update(25)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("[eval-only] windows 2/25, ") and "ETA" in lines[0]
+    assert lines[-1].startswith("[eval-only] windows 25/25, ")
+    assert 8 <= len(lines) <= 13

@@ -92,7 +92,8 @@ def _shape_error(directory, key, stored, expected) -> UserError:
 
 
 @torch.no_grad()
-def checkpoint_perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.device) -> float:
+def checkpoint_perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.device,
+                          progress=None) -> float:
     """exp(mean next-token cross-entropy) over [N, T] windows, through torchmetrics; a UserError naming
     where the model goes non-finite (a decoder layer or the head) instead of a NaN/Inf perplexity."""
     from torchmetrics.text import Perplexity
@@ -105,6 +106,8 @@ def checkpoint_perplexity(model, windows: torch.Tensor, batch_size: int, device:
             raise UserError(f"the checkpoint's logits hold NaN or Inf for evaluation windows {i}..{i + len(x) - 1}: "
                             f"{non_finite_origin(model, x)}; its perplexity is undefined")
         metric.update(logits[:, :-1].float(), x[:, 1:])
+        if progress is not None:
+            progress(i + len(x))
     ppl = float(metric.compute())
     if not math.isfinite(ppl):
         raise UserError(f"the checkpoint's perplexity overflows ({ppl}): its mean next-token loss is too large "
@@ -180,7 +183,9 @@ def evaluate_checkpoint(cfg, directory) -> int:
         check_vocab(tokens, model.config.vocab_size, f"eval.dataset '{ev.dataset}' (split {ev.split!r})")
     model.to(device)
     hooks = _aq_hooks(model, specs)
-    ppl = checkpoint_perplexity(model, windows, ev.batch_size, device)
+    from alphaquant.pipeline.progress import WindowProgress
+    with WindowProgress(int(windows.shape[0])) as bar:     # lines on stderr when it is not a terminal
+        ppl = checkpoint_perplexity(model, windows, ev.batch_size, device, progress=bar.update)
     for h in hooks:
         h.remove()
     result = {"checkpoint": str(directory), "perplexity": ppl, "windows": int(windows.shape[0]),

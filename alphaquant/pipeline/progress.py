@@ -76,3 +76,48 @@ def _isatty(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+class WindowProgress:
+    """Progress over the evaluation windows of `--eval-only` (one forward per batch, no layer walk):
+    a rich bar on a terminal, else about ten flushed lines (and the last one) on stderr.
+
+        [eval-only] windows 8/16, 2.1s, ETA 2s
+    """
+
+    def __init__(self, total: int, label: str = "eval-only", stream=None, lines=None, every: int | None = None):
+        self.total, self.label = total, label
+        self.stream = stream if stream is not None else sys.stderr
+        self.lines = (not _isatty(self.stream)) if lines is None else lines
+        self.every = every if every is not None else max(1, total // 10)
+        self._p, self._next = None, self.every
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        if not self.lines:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self._p = Progress(TextColumn(f"{self.label}: windows"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), console=Console(file=self.stream))
+            self._p.start()
+            self._task = self._p.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.stop()
+        return False
+
+    def update(self, done: int) -> None:
+        """`done` windows of `total` evaluated."""
+        if self._p is not None:
+            self._p.update(self._task, completed=done)
+            return
+        if done < self._next and done < self.total:
+            return
+        while self._next <= done:
+            self._next += self.every
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        print(f"[{self.label}] windows {done}/{self.total}, {elapsed:.1f}s, ETA {_duration(eta)}",
+              file=self.stream, flush=True)
