@@ -288,7 +288,7 @@ class HFCausalLM(nn.Module):
                 if tuple(raw.shape) != plan.shapes[k]:
                     raise CheckpointError(f"{ck}: checkpoint shape {tuple(raw.shape)} != model shape "
                                           f"{plan.shapes[k]} (does config.json match the weights?).")
-                out[k] = _host(raw, dtype, pin_memory)
+                out[k] = _host(raw, self._dtype_of(k, dtype), pin_memory)
             by_path: dict[str, dict[str, torch.Tensor]] = {}
             for k in plan.fused:
                 path, layout = owners[k]
@@ -296,10 +296,17 @@ class HFCausalLM(nn.Module):
             for path, fused in by_path.items():
                 layout = owners[f"{prefix}{path}.{next(iter(fused))}"][1]
                 for name, t in layout.split(fused).items():
-                    out[f"{prefix}{path}.{name}"] = _host(t, dtype, pin_memory)
+                    key = f"{prefix}{path}.{name}"
+                    out[key] = _host(t, self._dtype_of(key, dtype), pin_memory)
             return out
         finally:
             reader.close()
+
+    def _dtype_of(self, key: str, default: torch.dtype) -> torch.dtype:
+        """The dtype transformers gives that parameter: the model dtype, except what the class keeps in fp32
+        (`_keep_in_fp32_modules(_strict)`: DeepSeek-V3's router weight and correction bias)."""
+        p = self.get_parameter(key)
+        return p.dtype if p.dtype != self.dtype else default
 
     def read_layer(self, i: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         return self.read_tensors(i, pin_memory=pin_memory)

@@ -52,10 +52,20 @@ class RouteHook(nn.Module):
         return top_k_index, top_k_weights
 
 
+class BiasAfterLinear(nn.Linear):
+    """`x W^T`, rounded, then `+ b`: the order transformers' experts use (`x @ W + b`, `_batched_linear`'s
+    `out.add_(bias)`); nn.Linear's fused addmm rounds once, which in bf16 moves GPT-OSS's logits visibly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
 def _linear(cols: int, rows: int, bias: bool, dtype, device) -> nn.Linear:
     """An nn.Linear with uninitialised weights (read from the checkpoint later): nn.Linear's own init costs
     ~0.3 ms even on meta, 5 s for Qwen3-30B-A3B's 18k expert linears."""
-    lin = nn.Linear.__new__(nn.Linear)
+    cls = BiasAfterLinear if bias else nn.Linear
+    lin = cls.__new__(cls)
     nn.Module.__init__(lin)
     lin.in_features, lin.out_features = cols, rows
     lin.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), requires_grad=False)

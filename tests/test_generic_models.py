@@ -226,3 +226,24 @@ def test_renumbered_key_plans_equal_transformers_conversion(tmp_path):
     assert model._renumbers and all(model._renumbers.values())
     assert "model.layers.3.block_sparse_moe.experts.2.w3.weight" in {c for c, _ in got.fused[
         "model.layers.3.mlp.experts.gate_up_proj"]}
+
+
+@pytest.mark.parametrize("model_type", list(HF_MODELS))
+def test_bf16_walk_equals_transformers_eager_experts_bitwise(model_type, hf_dirs):
+    """In bf16 our split experts give transformers' eager experts bit for bit: same bias-add rounding
+    (GPT-OSS), the fp32 tensors transformers keeps (DeepSeek-V3's router and correction bias), the same
+    per-expert accumulation order. (transformers' grouped_mm sums the top-k in fp32 and differs from its own
+    eager forward by a few bf16 steps.)"""
+    from transformers import AutoModelForCausalLM
+    from models import hf_backend
+    d = hf_dirs[model_type]
+    model = hf_backend.from_pretrained(d, dtype="bfloat16", lazy=True)
+    for i in range(len(model.model.layers)):
+        model.install_layer(i, model.read_layer(i))
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, experts_implementation="eager").eval()
+    ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref(ids).logits)
+    kept = {n: p.dtype for n, p in ref.named_parameters() if p.dtype != torch.bfloat16}
+    ours = dict(model.named_parameters())
+    assert all(ours[n].dtype == dt for n, dt in kept.items() if n in ours)
