@@ -202,3 +202,25 @@ def test_a_loaded_model_without_tokenizer_and_text_data_says_what_to_pass(olmoe)
     r = alphaquant.quantize(model=bare, tokenizer=str(ckpt), recipe={"default": {"wq": "int4", "group_size": 32}},
                             calibration=str(corpus), eval=False, dry_run=True)
     assert r.config.name == "olmoe" and r.specs["model.layers.0.self_attn.q_proj"].wq == "int4"
+
+
+def test_texts_and_datasets_become_the_jsonl_a_user_would_write(tmp_path):
+    import datasets
+
+    from alphaquant.api.inputs import data_section
+    from alphaquant.data_sources import load_text
+
+    texts = ["first document", "zweites Dokument \u00e4", "third"]
+    ds = datasets.Dataset.from_dict({"body": texts, "n": [1, 2, 3]})
+    for i, value in enumerate([texts, {"dataset": ds, "text_field": "body", "num_samples": 3}]):
+        d = tmp_path / str(i)
+        d.mkdir()
+        section = data_section(value, "calibration", d)
+        assert section["split"] == "all" and section["text_field"] == "text"
+        assert load_text(section["dataset"], section["split"], section["text_field"]) == "\n\n".join(texts)
+    assert data_section({"dataset": ds, "text_field": "body", "num_samples": 3}, "calibration", d)["num_samples"] == 3
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        data_section(ds, "calibration", tmp_path)
+    tokens = data_section(torch.arange(12).reshape(3, 4), "eval", tmp_path)
+    assert torch.equal(torch.load(tokens["dataset"]), torch.arange(12)) and tokens["split"] == "all"
+    assert data_section(False, "eval", tmp_path) == {"enabled": False}
