@@ -13,12 +13,11 @@ parameter names are `model.layers.N.<block>.experts.E.{gate,up,down}_proj.weight
 (DeepSeek-V3's `e_score_correction_bias`) become frozen parameters so that they are read and written with
 the layer. Layer kwargs (rotary position embeddings, causal mask per layer type, position ids) come from the
 model's own forward: its decoder layers are swapped for recorders on a shallow copy of the trunk, and the
-trunk is run on the hidden states (`_LayerKwargs`).
+trunk is run on the hidden states (`hf_layer_kwargs.LayerKwargs`). Building and refusing: `hf_build`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -27,79 +26,15 @@ import torch
 from torch import nn
 
 from .common.checkpoint import CheckpointError, CheckpointReader
-from .common.config import UnsupportedModelError
 from .common.decoder import LMHead
+from .hf_build import build_meta, buffers_to_params, check_causal_lm, check_head, hf_config, rebuild_meta_buffers
 from .hf_experts import LinearExperts, is_experts_module
 from .hf_keys import LayerKeyPlan, assemble, layer_plan
+from .hf_layer_kwargs import LayerKwargs, plain_output, select_kwargs
 from .loading import resolve_checkpoint_dir, resolve_dtype
 
-
-def hf_config(source: str | os.PathLike | dict):
-    """A transformers config from a directory or a config.json dict; UnsupportedModelError when
-    transformers cannot build it offline (unknown model_type, custom code)."""
-    from transformers import AutoConfig
-
-    try:
-        if isinstance(source, dict):
-            d = dict(source)
-            mt = d.pop("model_type", None)
-            return AutoConfig.for_model(mt, **d)
-        return AutoConfig.from_pretrained(str(source), trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        mt = source.get("model_type") if isinstance(source, dict) else _model_type_of(source)
-        raise UnsupportedModelError(
-            f"model_type {mt!r} is not supported: transformers cannot build it offline "
-            f"({str(e).splitlines()[0][:160]}) and it is not one of AlphaQuant's local families "
-            f"(olmoe, qwen2_moe, mixtral, deepseek_moe / deepseek).") from None
-
-
-def _model_type_of(directory) -> Any:
-    import json
-    try:
-        return json.loads((Path(directory) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
-def check_causal_lm(config) -> None:
-    """UnsupportedModelError unless `config` is a decoder-only causal LM that transformers can build."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    mt = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"model_type {mt!r} is an encoder-decoder model; AlphaQuant quantizes "
-                                    f"decoder-only causal LMs.")
-    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UnsupportedModelError(f"model_type {mt!r} is not a causal language model in transformers "
-                                    f"(no AutoModelForCausalLM class); AlphaQuant quantizes decoder-only causal LMs.")
-
-
-def build_meta(config, dtype: torch.dtype) -> nn.Module:
-    """transformers' own model class for `config`, parameters on the meta device (no storage)."""
-    from transformers import AutoModelForCausalLM
-
-    check_causal_lm(config)
-    check_head(config)
-    qc = getattr(config, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", qc)
-        raise UnsupportedModelError(f"model_type {config.model_type!r}: this checkpoint is already quantized "
-                                    f"({method}); AlphaQuant quantizes full-precision (bf16/fp16/fp32) weights, "
-                                    f"so point model.path at a full-precision copy.")
-    try:
-        with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as e:             # noqa: BLE001 - any construction failure is "cannot build"
-        raise UnsupportedModelError(f"transformers cannot build model_type {config.model_type!r} from its "
-                                    f"config ({type(e).__name__}: {str(e).splitlines()[0][:160]}).") from None
-    base = getattr(hf, "model", None)
-    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList) or \
-            not isinstance(getattr(hf, "lm_head", None), nn.Linear) or not hasattr(base, "embed_tokens"):
-        raise UnsupportedModelError(f"model_type {config.model_type!r}: AlphaQuant's generic path needs the "
-                                    f"'model.layers' / 'model.embed_tokens' / 'lm_head' layout most causal LMs "
-                                    f"in transformers use; this one has another (AlphaQuant's local families: "
-                                    f"olmoe, qwen2_moe, mixtral, deepseek_moe).")
-    return hf.eval()
+__all__ = ["HFCausalLM", "ConfigView", "build_meta", "check_causal_lm", "check_head", "experts_paths", "from_pretrained",
+           "hf_config", "skeleton"]
 
 
 def experts_paths(module: nn.Module) -> list[str]:
@@ -141,14 +76,14 @@ class HFCausalLM(nn.Module):
         self._structures: dict[int, tuple] = {}
         self._renumbers: dict[tuple, bool] = {}     # structure -> its plans follow by renumbering
         self._non_layer: LayerKeyPlan | None = None
-        self._kwargs = _LayerKwargs(self)
+        self._kwargs = LayerKwargs(self)
         for i, layer in enumerate(self.model.layers):
             self._split_experts(i, layer)
-            _buffers_to_params(layer)
-            layer.register_forward_pre_hook(_select_kwargs(i), with_kwargs=True)
-            layer.register_forward_hook(_plain_output)
-        _buffers_to_params(self.model, skip=("layers",))
-        _rebuild_meta_buffers(hf)
+            buffers_to_params(layer)
+            layer.register_forward_pre_hook(select_kwargs(i), with_kwargs=True)
+            layer.register_forward_hook(plain_output)
+        buffers_to_params(self.model, skip=("layers",))
+        rebuild_meta_buffers(hf)
 
     @property
     def family(self) -> str:
@@ -366,134 +301,6 @@ def _host(t: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     """A fresh host copy (never a view of the mmap'd file), cast to the model dtype."""
     dtype = dtype if t.is_floating_point() else t.dtype
     return torch.empty(t.shape, dtype=dtype, pin_memory=pin).copy_(t)
-
-
-def _select_kwargs(i: int):
-    def pre(_mod, args, kwargs):
-        per_layer = kwargs.pop("aq_per_layer", None)
-        if per_layer is None:
-            return None
-        args = (args[0], *per_layer[i][0]) if args else args
-        return args, {**per_layer[i][1], **kwargs}
-    return pre
-
-
-def _plain_output(_mod, _args, out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _buffers_to_params(module: nn.Module, skip: tuple[str, ...] = ()) -> None:
-    """Persistent buffers as frozen parameters (read and written with the parameters)."""
-    for name, mod in module.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        for leaf in list(mod._buffers):
-            if leaf in mod._non_persistent_buffers_set or mod._buffers[leaf] is None:
-                continue
-            b = mod._buffers.pop(leaf)
-            mod._parameters[leaf] = nn.Parameter(b, requires_grad=False)
-
-
-def _rebuild_meta_buffers(hf: nn.Module) -> None:
-    """Non-persistent buffers (rotary inv_freq, Gemma's embedding scale) are computed at construction, which
-    happened on meta. Modules that take the config are constructed again on the host; the others outside the
-    decoder layers are taken from the trunk built again on the host with no decoder layers (weights left
-    uninitialised: only the buffers are used). A computed buffer inside a decoder layer is refused."""
-    left = []
-    for name, mod in list(hf.named_modules()):
-        if not any(b is not None and b.is_meta for b in mod._buffers.values()):
-            continue
-        cfg = getattr(mod, "config", None)
-        if cfg is not None:
-            owner, _, leaf = name.rpartition(".")
-            (hf.get_submodule(owner) if owner else hf)._modules[leaf] = type(mod)(config=cfg)
-        else:
-            left.append(name)
-    if not left:
-        return
-    inside = [n for n in left if n.startswith("model.layers.")]
-    if inside:
-        raise UnsupportedModelError(f"{inside[0]} has computed buffers AlphaQuant cannot rebuild off the meta "
-                                    f"device ({type(hf.get_submodule(inside[0])).__name__}).")
-    from transformers.initialization import no_init_weights
-
-    cfg0 = copy.deepcopy(hf.model.config)
-    cfg0.num_hidden_layers = 0
-    with no_init_weights(), torch.device("cpu"):
-        host = type(hf.model)(cfg0)
-    for name in left:
-        mod = hf.get_submodule(name)
-        fresh = host.get_submodule(name.removeprefix("model."))
-        for leaf, buf in mod._buffers.items():
-            if buf is not None and buf.is_meta:
-                mod._buffers[leaf] = fresh._buffers[leaf].to(buf.dtype)
-
-
-def check_head(config) -> None:
-    """UnsupportedModelError for causal LMs whose forward scales the embeddings before the first layer or the
-    logits after lm_head in code of its own (the generic path runs embed_tokens, the layers, norm + lm_head)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key, neutral in (("final_logit_softcapping", None), ("logits_scaling", 1.0), ("logit_scale", 1.0),
-                         ("output_multiplier_scale", 1.0), ("embedding_multiplier", 1.0)):
-        v = getattr(text, key, neutral)
-        if v is not None and v != neutral:
-            raise UnsupportedModelError(f"model_type {config.model_type!r} scales its embeddings or logits outside "
-                                        f"its modules ({key}={v}), which AlphaQuant's generic path does not do yet.")
-
-
-class _Recorder(nn.Module):
-    def __init__(self, i: int, seen: list):
-        super().__init__()
-        self.i, self.seen = i, seen
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.seen[self.i] = (tuple(args[1:]), kwargs, hidden)
-        return hidden
-
-
-class _LayerKwargs:
-    """Per-layer kwargs from the model's own trunk forward (decoder layers replaced by recorders on a
-    shallow copy, so the real model is never touched); cached per (B, S, device, dtype)."""
-
-    def __init__(self, owner: HFCausalLM):
-        self.owner = owner
-        self.cache: dict = {}
-        self.rotary: dict = {}
-
-    def _trunk(self, device: torch.device, seen: list) -> nn.Module:
-        base = self.owner.model
-        shadow = copy.copy(base)
-        shadow.__dict__ = dict(base.__dict__)
-        shadow._modules = dict(base._modules)
-        shadow._parameters = {}
-        shadow._modules["layers"] = nn.ModuleList(_Recorder(i, seen) for i in range(len(base.layers)))
-        shadow._modules["norm"] = nn.Identity()
-        shadow._modules["embed_tokens"] = nn.Identity()
-        for name, mod in base._modules.items():
-            if name not in ("layers", "norm", "embed_tokens") and mod is not None:
-                key = (name, device)
-                if key not in self.rotary:
-                    self.rotary[key] = copy.deepcopy(mod).to(device)
-                shadow._modules[name] = self.rotary[key]
-        return shadow
-
-    def __call__(self, hidden: torch.Tensor, attention_mask=None) -> list:
-        key = (tuple(hidden.shape[:2]), hidden.device, hidden.dtype, attention_mask is None)
-        if attention_mask is None and key in self.cache:
-            return self.cache[key]
-        n = len(self.owner.model.layers)
-        seen: list = [None] * n
-        with torch.no_grad():
-            self._trunk(hidden.device, seen)(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
-        if seen[0] is not None and seen[0][2] is not hidden:
-            raise UnsupportedModelError(f"{self.owner.config.model_type}: the model transforms its embeddings "
-                                        f"before the first decoder layer; AlphaQuant's generic path does not "
-                                        f"support that yet.")
-        out = [(s[0], s[1]) for s in seen]
-        if attention_mask is None:
-            self.cache = {key: out}           # one shape at a time (calibration and eval windows alternate)
-        return out
 
 
 def from_pretrained(path_or_id: str | os.PathLike, dtype: str | torch.dtype | None = None,
