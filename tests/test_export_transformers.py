@@ -343,3 +343,14 @@ def test_generic_path_qwen3_moe(tmp_path, case):
                 p.data = p.data.float()
         err = ((a - logits(hf)).abs().max() / a.abs().max()).item()
     assert (err > 1e-2) if broken else (err <= 1e-5), err
+
+
+@pytest.mark.parametrize("model_dtype,scale_dtype,warned", [("bfloat16", "float16", True), ("bfloat16", "bfloat16", False),
+                                                            ("float16", "float16", False), ("float16", "float32", True),
+                                                            ("float32", "float16", False)])
+def test_int_scale_warning_only_where_the_model_dtype_rounds_them(model_dtype, scale_dtype, warned):
+    cfg = {"model_type": "olmoe", "dtype": model_dtype, "quantization_config": {
+        "config_groups": {"group_0": {"targets": [r"re:model\.layers\.\d+\.self_attn\.q_proj$"], "format": "pack-quantized",
+                                      "weights": {"symmetric": True}}},
+        "alphaquant": {"groups": {"group_0": {"wq": "int4", "group_size": 32, "sym": True, "scale_dtype": scale_dtype}}}}}
+    assert bool(serving_warnings(cfg)) == warned

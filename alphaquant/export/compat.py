@@ -69,7 +69,8 @@ def serving_warnings(config: dict) -> list[str]:
             out.append(f"{label}: {TESTED} fail to load asymmetric int (zero points of experts are dropped, "
                        f"dense ones allocated unpacked); {READERS_OK}")
         sd = ours.get(name, {}).get("scale_dtype", "float16")
-        if dense and fmt == "pack-quantized" and dtype in ("bfloat16", "float16") and sd != dtype:
+        lossy = (dtype == "bfloat16" and sd != "bfloat16") or (dtype == "float16" and sd == "float32")
+        if dense and fmt == "pack-quantized" and lossy:
             out.append(f"{label} dense linears: transformers allocates their scales in the model dtype ({dtype}) and "
                        f"rounds our {sd} scales to it, so its weights differ from ours (up to 2^-9 relative per "
                        f"group); set quant.int_scale_dtype: {dtype} to be read exactly; {READERS_OK}")
