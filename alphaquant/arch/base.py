@@ -17,6 +17,10 @@ Contract (documented here because callbacks/pipeline are written against it):
   sees all T tokens instead.
 * Shared-expert gate (Qwen2-MoE): hook ``MoEBlockInfo.shared_gate_act_name`` (parameter-free sigmoid); its
   output [T, 1] is the factor on the shared expert's output. DeepSeek's shared experts are unweighted (1.0).
+* The generic adapter (``generic.GenericAdapter``, transformers' classes) keeps the same contract with
+  ``MoEBlockInfo.name`` = the experts module itself (``mlp.experts``: its input is the [T, H] the experts
+  receive) and ``router_name`` = ``mlp.experts.route``, whose input *and* output are
+  ``(top_k_index, top_k_weights)`` as transformers' MoE block calls its experts with them.
 
 >>> from alphaquant.arch import get_adapter
 >>> adapter = get_adapter(model)                                # doctest: +SKIP
