@@ -166,7 +166,7 @@ def check_flags(argv: list[str]) -> None:
             err = e
         near = suggest(flag)
         if near:
-            raise ConfigError(f"unknown option {flag}; did you mean {near}? (--help lists every option)") from None
+            raise ConfigError(f"unknown option {flag}; did you mean '{near}'? (--help lists every option)") from None
         raise err
 
 

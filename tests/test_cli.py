@@ -209,7 +209,7 @@ def test_print_config_is_the_resolved_yaml(tmp_path, capsys):
 def test_a_typo_in_a_flag_suggests_the_right_one(argv, suggestion, capsys):
     assert main(["--config", str(REPO / "configs/demo.yaml"), *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown option") and f"did you mean {suggestion}?" in err, err
+    assert err.startswith("error: unknown option") and f"did you mean '{suggestion}'?" in err, err
     assert len(err.splitlines()) == 1
 
 

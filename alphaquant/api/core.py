@@ -45,11 +45,11 @@ class QuantizeResult:
     written to alphaquant_summary.json.
     """
 
-    config: Any                                      # the resolved alphaquant.config.Config
-    specs: dict
+    config: Any = field(repr=False)                  # the resolved alphaquant.config.Config
+    specs: dict = field(repr=False)
     output_dir: Path | None = None
     perplexity: dict = field(default_factory=dict)
-    modules: dict = field(default_factory=dict)
+    modules: dict = field(default_factory=dict, repr=False)
     records: dict = field(default_factory=dict, repr=False)
     layers: list = field(default_factory=list, repr=False)
     experts: list = field(default_factory=list, repr=False)

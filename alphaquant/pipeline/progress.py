@@ -1,11 +1,11 @@
-"""Progress over the layer walk, on rank 0 only, on stderr.
+"""Progress over the layer walk, on rank 0 only, on stdout (stderr is kept for the one-line error).
 
 Lightning's own bar is per predict call, and a run makes several calls per layer, so the
 useful unit of progress is the decoder layer; the description shows the current pass.
 
-On a terminal (stderr is a TTY) that is a rich bar. Anywhere else (a batch scheduler's log
-file, a pipe) a live bar prints nothing until it stops, so instead each finished layer and
-each evaluation stream is one line, flushed at once:
+On a terminal (stdout and stderr both TTYs) that is a rich bar. Anywhere else (a batch
+scheduler's log file, a pipe) a live bar prints nothing until it stops, so instead each finished
+layer and each evaluation stream is one line, flushed at once:
 
     [quantize: routed Hessians] layer 3/16 done in 1.4s, mean rel. error 0.1126, ETA 18s
     [quantize: routed Hessians] perplexity quantized: 58.202
@@ -26,9 +26,9 @@ def _duration(seconds: float) -> str:
 class LayerProgress:
     def __init__(self, n_layers: int, enabled: bool = True, label: str = "quantize", stream=None, lines=None):
         self.n, self.enabled, self.label, self._p = n_layers, enabled, label, None
-        self.stream = stream if stream is not None else sys.stderr
-        # lines: one line per event (no terminal to redraw a bar on); None = decide from the stream
-        self.lines = (not _isatty(self.stream)) if lines is None else lines
+        self.stream = stream if stream is not None else sys.stdout
+        # lines: one line per event (no terminal to redraw a bar on); None = decide from the streams
+        self.lines = no_terminal(self.stream) if lines is None else lines
         self._t0 = self._done = 0
 
     def __enter__(self):
@@ -71,6 +71,11 @@ class LayerProgress:
         self._line(f"perplexity {name}: {perplexity:.3f}")
 
 
+def no_terminal(stream) -> bool:
+    """True unless both `stream` and stderr are terminals (a scheduler redirects both, a pipe one)."""
+    return not (_isatty(stream) and _isatty(sys.stderr))
+
+
 def _isatty(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -80,7 +85,8 @@ def _isatty(stream) -> bool:
 
 class WindowProgress:
     """Progress over the evaluation windows of `--eval-only` (one forward per batch, no layer walk):
-    a rich bar on a terminal, else about ten flushed lines (and the last one) on stderr.
+    a rich bar on a terminal, else about ten flushed lines (and the last one). On stderr: the
+    stdout of --eval-only is its JSON result, for a pipe into jq.
 
         [eval-only] windows 8/16, 2.1s, ETA 2s
     """
@@ -88,7 +94,7 @@ class WindowProgress:
     def __init__(self, total: int, label: str = "eval-only", stream=None, lines=None, every: int | None = None):
         self.total, self.label = total, label
         self.stream = stream if stream is not None else sys.stderr
-        self.lines = (not _isatty(self.stream)) if lines is None else lines
+        self.lines = no_terminal(self.stream) if lines is None else lines
         self.every = every if every is not None else max(1, total // 10)
         self._p, self._next = None, self.every
 
