@@ -224,3 +224,16 @@ def test_texts_and_datasets_become_the_jsonl_a_user_would_write(tmp_path):
     tokens = data_section(torch.arange(12).reshape(3, 4), "eval", tmp_path)
     assert torch.equal(torch.load(tokens["dataset"]), torch.arange(12)) and tokens["split"] == "all"
     assert data_section(False, "eval", tmp_path) == {"enabled": False}
+
+
+def test_a_transformers_model_is_taken_as_loaded(capsys):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    llama = transformers.LlamaForCausalLM(config).eval()
+    r = alphaquant.quantize(model=llama, recipe={"default": {"wq": "int4", "group_size": 32}},
+                            calibration=torch.randint(0, 64, (512,)), eval=False, dry_run=True)
+    assert r.config.name == "llama" and r.config.model.lazy is False and r.config.model.dtype == "float32"
+    assert r.specs["model.layers.0.mlp.down_proj"].wq == "int4" and not r.specs["model.layers.0.mlp.down_proj"].skip
+    assert "modules per format" in capsys.readouterr().out
