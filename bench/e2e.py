@@ -71,9 +71,18 @@ SHAPES = {
         max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False,
         tie_word_embeddings=False, hidden_act="silu", initializer_range=0.02, bos_token_id=100000,
         eos_token_id=100001),
+    "qwen3_moe": dict(  # Qwen/Qwen3-30B-A3B: through the generic path (transformers' own Qwen3-MoE classes)
+        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+        intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, attention_bias=False, tie_word_embeddings=False, hidden_act="silu",
+        initializer_range=0.02, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645),
 }
+# families our local model code does not have: built, loaded and quantized through transformers' classes
+GENERIC = {"qwen3_moe"}
 NAMES = {"olmoe": "OLMoE-1B-7B", "qwen2_moe": "Qwen1.5-MoE-A2.7B", "mixtral": "Mixtral-8x7B",
-         "deepseek": "DeepSeek-MoE-16B"}
+         "deepseek": "DeepSeek-MoE-16B", "qwen3_moe": "Qwen3-30B-A3B"}
 # --quick: same families, tiny widths (multiples of 128 so group size 128 divides every input)
 QUICK = {"olmoe": dict(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2),
@@ -84,9 +93,12 @@ QUICK = {"olmoe": dict(vocab_size=512, hidden_size=128, intermediate_size=128, n
                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4),
          "deepseek": dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-                          num_experts_per_tok=2)}
+                          num_experts_per_tok=2),
+         "qwen3_moe": dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                           num_experts=8, num_experts_per_tok=2, bos_token_id=None, eos_token_id=2)}
 ROUTER_IGNORE = {"olmoe": ["re:.*mlp\\.gate$"], "qwen2_moe": ["re:.*mlp\\.gate$", "re:.*shared_expert_gate$"],
-                 "mixtral": ["re:.*block_sparse_moe\\.gate$"]}
+                 "mixtral": ["re:.*block_sparse_moe\\.gate$"], "qwen3_moe": ["re:.*mlp\\.gate$"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,23 +143,47 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
         directory)
 
 
+def hub_parameters(cfg: dict):
+    """(checkpoint key, shape) of every tensor of the family's hub checkpoint, from a meta model."""
+    if cfg["model_type"] not in GENERIC:
+        from models.registry import config_from_dict, model_class_for
+        with torch.device("meta"):
+            meta = model_class_for(cfg["model_type"])(config_from_dict(cfg))
+        yield from ((k, p.shape) for k, p in meta.named_parameters())
+        return
+    # transformers' class holds each block's experts fused ([E, 2I, H], [E, H, I]); the hub checkpoint
+    # (and transformers' save_pretrained) has them per expert: mlp.experts.N.{gate,up,down}_proj.weight
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    for key, p in meta.named_parameters():
+        if key.endswith("mlp.experts.gate_up_proj"):
+            E, two_i, H = p.shape
+            for e in range(E):
+                for proj in ("gate_proj", "up_proj"):
+                    yield key.replace("gate_up_proj", f"{e}.{proj}.weight"), (two_i // 2, H)
+        elif key.endswith("mlp.experts.down_proj"):
+            for e in range(p.shape[0]):
+                yield key.replace("down_proj", f"{e}.down_proj.weight"), tuple(p.shape[1:])
+        else:
+            yield key, p.shape
+
+
 @torch.no_grad()
 def stage_build(args, work: Path) -> dict:
     import models
     from alphaquant.data import calibration_windows
-    from models.registry import config_from_dict, model_class_for
 
     t0 = time.perf_counter()
     cfg = model_config(args)
     ckpt = work / "model"
     ckpt.mkdir(parents=True, exist_ok=True)
-    config = config_from_dict(cfg)
-    with torch.device("meta"):
-        meta = model_class_for(cfg["model_type"])(config)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     n_params = 0
     with models.ShardWriter(ckpt, "4GB") as writer:
-        for key, p in meta.named_parameters():
+        for key, shape in hub_parameters(cfg):
+            p = torch.empty(shape, device="meta")
             if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
                 t = torch.ones(p.shape)
             elif key.endswith(".bias"):
@@ -204,7 +240,8 @@ def stage_result_name(args, stage: str) -> str:
 
 def our_skips(family):
     return {"olmoe": ["*.mlp.gate", "lm_head"], "qwen2_moe": ["*.mlp.gate", "*.shared_expert_gate", "lm_head"],
-            "mixtral": ["*.block_sparse_moe.gate", "lm_head"], "deepseek": ["*.mlp.gate", "lm_head"]}[family]
+            "mixtral": ["*.block_sparse_moe.gate", "lm_head"], "deepseek": ["*.mlp.gate", "lm_head"],
+            "qwen3_moe": ["lm_head"]}[family]      # transformers' Qwen3-MoE router is no nn.Linear: never quantized
 
 
 def stage_ours(args, work: Path) -> dict:
@@ -437,7 +474,8 @@ def stage_errors(args, work: Path, llmc_w=None) -> dict:
 
 def stage_llmc_and_errors(args, work: Path) -> dict:
     out, weights = stage_llmc(args, work)
-    out["errors"] = stage_errors(args, work, weights)
+    # the error measurement runs layers with our local model code: not for the generic-path families (yet)
+    out["errors"] = None if args.family in GENERIC or args.no_errors else stage_errors(args, work, weights)
     return out
 
 
@@ -453,7 +491,10 @@ def run_stage(args, stage: str, work: Path, extra: list[str] = (), launcher: lis
     cmd = [*(launcher or [sys.executable]), str(Path(__file__).resolve()), "--stage", stage, "--workdir", str(work),
            *stage_argv(args), *extra]
     print(f"[e2e] {stage}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # E2E_PYTHONPATH_<STAGE>: extra import paths for one stage, e.g. a newer transformers for ours than the
+    # one llm-compressor pins (llmcompressor 0.14: transformers <= 5.17)
+    extra_path = os.environ.get(f"E2E_PYTHONPATH_{stage.upper()}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), extra_path, os.environ.get("PYTHONPATH")])))
     subprocess.run(cmd, check=True, env=env)
     return json.loads(out.read_text())
 
@@ -555,7 +596,7 @@ def _run_all(args, argv, work: Path) -> dict:
         result["errors"] = r.pop("errors")
         result["llm_compressor"] = r
     else:
-        if not args.no_errors:
+        if not args.no_errors and args.family not in GENERIC:
             result["errors"] = run_stage(args, "errors", work)
         if want_llmc:                               # llm-compressor on a cut of the first N layers
             cut = work / f"cut{args.llmc_layers}"
@@ -614,13 +655,14 @@ def summarize(r: dict) -> dict:
             s["llmc_seconds"] = llmc["seconds_end_to_end"] + per * (L - n)     # extrapolated: + per-layer oneshot
             s["llmc_extrapolation"] = f"{llmc['seconds_end_to_end']:.1f} s for {n} layers + {per:.1f} s x {L - n} layers"
             s["speedup_same_cut"] = llmc["seconds_end_to_end"] / cut_ours
-            cerr = r["cut"]["errors"]
+            cerr = r["cut"]["errors"] or {"ours": {"local": []}, "llmc": {"local": []}}   # None: not measured
             s["llmc_error_local_mean"] = _mean(cerr["llmc"]["local"])
             s["ours_error_local_mean_cut"] = _mean(cerr["ours"]["local"])
         else:
             s["llmc_seconds"] = llmc["seconds_end_to_end"]
-            s["llmc_error_local_mean"] = _mean(err["llmc"]["local"])
-            s["llmc_error_propagated_last"] = err["llmc"]["propagated"][-1]
+            if "llmc" in err:
+                s["llmc_error_local_mean"] = _mean(err["llmc"]["local"])
+                s["llmc_error_propagated_last"] = err["llmc"]["propagated"][-1]
         s["speedup"] = s["llmc_seconds"] / s["ours_seconds"]
     return s
 
@@ -676,7 +718,7 @@ def render(r: dict) -> str:
     lines += ["", "forward: the collect passes minus Hessian updates and solve; write: waiting for the previous "
               "layer's background write (compression, shards, resume state); other: the rest of the layer; "
               "peak host memory is ru_maxrss of the stage's process."]
-    err = r["cut"]["errors"] if "cut" in r else r.get("errors") or {"ours": {"local": [], "propagated": []}}
+    err = (r["cut"]["errors"] if "cut" in r else r.get("errors")) or {"ours": {"local": [], "propagated": []}}
     lines += ["", "Per-layer relative output error ||Y_q - Y|| / ||Y|| on the calibration tokens "
               "(local: fp input; propagated: the quantized model's own input):", "",
               "| layer | ours local | llmc local | ours propagated | llmc propagated |", "|---|---|---|---|---|"]
