@@ -20,6 +20,9 @@ from alphaquant.errors import UserError
 USAGE = ("python train_quant.py --config CONFIG.yaml [--recipe FILE] [--dry-run] [--print-config] [--overwrite]\n"
          "       [--eval-only DIR] [--section.key VALUE ...]   (installed: alphaquant ...)")
 
+DESCRIPTION = ("Quantize a Mixture-of-Experts LLM with GPTQ: a YAML config plus --section.key overrides, the same\n"
+               "run as alphaquant.quantize(...) in Python. Bad input is one line on stderr and exit code 2.")
+
 # errno of a failed write -> what the user is told
 WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission is denied",
@@ -30,13 +33,14 @@ def parse_cli(argv):
     """(the CLI's own flags, the rest: --section.key VALUE config overrides)."""
     from alphaquant.cli_help import render_keys
 
-    p = argparse.ArgumentParser(prog="train_quant.py", usage=USAGE, description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="train_quant.py", usage=USAGE, description=DESCRIPTION,
                                 epilog=render_keys(), formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)      # --eval is a config section, not --eval-only
     p.add_argument("--config", help="YAML run configuration (configs/*.yaml)")
     p.add_argument("--recipe", metavar="FILE", help="a recipe file (.json/.yaml: the quant section, e.g. "
                    "configs/gptq_olmoe_mixed.json) that replaces the config's quant section")
-    p.add_argument("--dry-run", action="store_true", help="print the per-module plan and memory estimate, then exit")
+    p.add_argument("--dry-run", action="store_true", help="print the per-module plan (format, shape, size of every "
+                   "linear, the rule that chose it) without reading a weight, then exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--eval-only", metavar="DIR", help="evaluate a saved quantized checkpoint and exit "
