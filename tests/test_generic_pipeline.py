@@ -242,3 +242,18 @@ def test_load_quantized_generic_exact(model_type, work):
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(s.model(ids), q(ids))
+
+
+def test_eval_only_reads_a_generic_checkpoint(work, capsys):
+    """--eval-only (alphaquant.export.load_quantized) dispatches a non-local model type to the generic reader
+    and evaluates the same perplexity the run itself measured for its quantized model (same eval windows)."""
+    import json
+
+    from alphaquant.app import main
+    s, _, out = run(work, "qwen3_moe")
+    root, corpus, _ = work
+    cfg = write_config(root / "eval_only.yaml", out, corpus, model={"path": str(out), "dtype": "float32"})
+    assert main(["--config", str(cfg), "--eval-only", str(out)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(printed[printed.index("{"):])["perplexity"]
+    assert got == pytest.approx(s.results["perplexity"]["quantized"], rel=1e-4)

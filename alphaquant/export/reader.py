@@ -18,7 +18,7 @@ from torch import nn
 
 from models import CheckpointReader
 from models.loading import resolve_dtype
-from models.registry import config_from_dict, model_class_for
+from models.registry import MODEL_CLASSES, config_from_dict, model_class_for
 
 from alphaquant.recipe import QuantSpec, build_format
 
@@ -68,6 +68,9 @@ def load_quantized(directory, dtype=None, device=None) -> nn.Module:
     if qcfg is None or "alphaquant" not in qcfg:
         raise ValueError(f"{cfg_path} has no AlphaQuant quantization_config; load unquantized checkpoints "
                          f"with models.from_pretrained")
+    if config.get("model_type") not in MODEL_CLASSES:      # written by the generic path: transformers' classes
+        from alphaquant.arch.generic_checkpoint import load_quantized_generic
+        return load_quantized_generic(directory, dtype=dtype, device=device)
     dtype = resolve_dtype(dtype, config)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
