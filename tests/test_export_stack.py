@@ -112,3 +112,23 @@ def test_to_host_copies_shared_device_storage_once(monkeypatch):
     # one transfer per shared stack (w, c, z), one for the slice of the big storage, one each for
     # "alone" and "again" (the same tensor under two keys)
     assert len(calls) == 6, calls
+
+
+def test_kept_tensors_the_model_holds_wider_keep_their_dtype():
+    """A bf16 model's fp32 tensors (transformers' _keep_in_fp32_modules: DeepSeek-V3's router weight and
+    e_score_correction_bias) are stored in fp32; everything else kept is stored in the model dtype."""
+    import torch
+    from torch import nn
+
+    from alphaquant.export.writer import LayerCompressor
+
+    layer = nn.Module()
+    layer.norm = nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    layer.router = nn.Module()
+    layer.router.weight = nn.Parameter(torch.randn(8, 4))                     # fp32 in a bf16 model
+    layer.router.e_score_correction_bias = nn.Parameter(torch.randn(8, dtype=torch.float64))
+    out = LayerCompressor({}, {}, torch.bfloat16).layer_tensors(0, layer)
+    assert out["model.layers.0.norm.weight"].dtype == torch.bfloat16
+    assert out["model.layers.0.router.weight"].dtype == torch.float32
+    assert torch.equal(out["model.layers.0.router.weight"], layer.router.weight)
+    assert out["model.layers.0.router.e_score_correction_bias"].dtype == torch.float64

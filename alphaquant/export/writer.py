@@ -75,7 +75,7 @@ class LayerCompressor:
             if name not in done:
                 if p.is_meta:
                     raise ValueError(f"{prefix}{name} is on the meta device: write_layer needs layer {i} loaded")
-                out[prefix + name] = p.detach().to(self.dtype)
+                out[prefix + name] = p.detach().to(_stored_dtype(p, self.dtype))
         return out
 
     def _layout(self, name: str) -> tuple[bool, Layout]:
@@ -134,6 +134,14 @@ class LayerCompressor:
         if lin.bias is not None:                      # biases stay dense, as compressed-tensors keeps them
             out["bias"] = lin.bias.detach().to(self.dtype)
         return out
+
+
+def _stored_dtype(p: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """A kept tensor is stored in the model dtype, unless the model holds it wider on purpose (transformers'
+    `_keep_in_fp32_modules`, e.g. DeepSeek-V3's router weight and e_score_correction_bias in a bf16 model)."""
+    if p.dtype.is_floating_point and p.dtype.itemsize > dtype.itemsize:
+        return p.dtype
+    return dtype
 
 
 class QuantizedCheckpointWriter(LayerCompressor):
