@@ -251,10 +251,17 @@ def test_existing_dir_refused_then_overwritten(work, monkeypatch):
     with pytest.raises(UserError, match="already exists"):
         run_session(cfg)
     assert (out / "keep.txt").read_text() == "user data"
+    # --overwrite replaces only an earlier AlphaQuant checkpoint (or an empty dir), never the user's files
+    with pytest.raises(UserError, match="not an AlphaQuant checkpoint"):
+        run_session(cfg, ["--output.overwrite"])
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    (out / "alphaquant_recipe.json").write_text("{}")                  # an earlier checkpoint of ours
+    (out / "old-model.safetensors").write_bytes(b"old")
     # with overwrite (and small shards, for (e)): replaced, nothing of the old dir left
     _sharded(monkeypatch)
     s = run_session(cfg, ["--output.overwrite"])
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not (out / "old-model.safetensors").exists() and (out / "config.json").is_file()
     assert not [p.name for p in d.iterdir() if p.name.startswith(".out.tmp-")]
     for p in s.model.parameters():
         p.data = p.data.clone()                                        # see run()
