@@ -66,6 +66,7 @@ OURS = {   # method -> changes from DEFAULTS
     "mse": {"scale_search": "mse"},
     "mse_hdiag": {"scale_search": "mse_hdiag"},
     "act_order+mse": {"act_order": True, "scale_search": "mse"},
+    "act_order+mse_hdiag": {"act_order": True, "scale_search": "mse_hdiag"},
 }
 ARCHS = ("olmoe", "qwen2_moe", "mixtral", "olmoe_demo")   # olmoe_demo: the shipped demo/olmoe-tiny (longer trained)
 DEMO_MODEL = ROOT / "demo" / "olmoe-tiny"
@@ -326,7 +327,12 @@ def bench_model(arch: str, model_dir: Path, args, work: Path, llmc_py: str | Non
                 t0 = time.perf_counter()
                 extra = {}
                 if method == "llmc":
-                    weights, extra = run_llmc(llmc_py, model_dir, fmt, windows, work, our_keys)
+                    try:
+                        weights, extra = run_llmc(llmc_py, model_dir, fmt, windows, work, our_keys)
+                    except (RuntimeError, KeyError) as e:      # its row is left out, the rest goes on
+                        log(f"{arch} {fmt} seed {seed} llmc: skipped ({str(e).splitlines()[0]}; last lines: "
+                            f"{' | '.join(str(e).strip().splitlines()[-2:])})")
+                        continue
                 else:
                     weights = run_ours(model_dir, tokens_pt, fmt, seed, {**DEFAULTS, **OURS[method]}, args, work,
                                        windows)
@@ -406,6 +412,37 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(args, argv) -> dict:
+    """One table from several runs (e.g. one per model, or a partial run): rows pooled, fp kept once per model."""
+    rows, seen_fp = [], set()
+    for f in args.merge:
+        data = json.loads(Path(f).read_text())
+        for r in data["rows"] if isinstance(data, dict) else data:
+            if r["method"] == "fp":
+                if r["model"] in seen_fp:
+                    continue
+                seen_fp.add(r["model"])
+            rows.append(r)
+    first = json.loads(Path(args.merge[0]).read_text())
+    meta = first if isinstance(first, dict) else {}
+    order = lambda key: list(dict.fromkeys(r[key] for r in rows if r[key] is not None))  # noqa: E731
+    args.models, args.formats, args.methods = order("model"), order("format"), order("method")
+    args.seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    result = {"command": "PYTHONPATH=. python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+              "merged": args.merge, "models": args.models, "formats": args.formats, "methods": args.methods,
+              "seeds": args.seeds, "samples": meta.get("samples", args.samples), "seq_len": meta.get("seq_len", args.seq_len),
+              "eval_windows": meta.get("eval_windows", args.eval_windows), "rows": rows,
+              "fp": {r["model"]: r["ppl"] for r in rows if r["method"] == "fp"}, "defaults": DEFAULTS, "options": OURS}
+    result["summary"] = summarize(rows, args)
+    result["averages"] = averages(result["summary"])
+    table = render(result)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    return result
+
+
 def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(ARCHS[:3]))
@@ -428,11 +465,17 @@ def main(argv=None) -> dict | None:
     p.add_argument("--stage", default=None, choices=["llmc"], help=argparse.SUPPRESS)
     for k in ("--model", "--windows", "--kind", "--result"):
         p.add_argument(k, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no run: one table from the rows of earlier runs' JSON (or .partial.json) files")
     args = p.parse_args(argv)
     if args.stage == "llmc":
         stage_llmc(args)
         return None
+    if args.merge:
+        return merge(args, argv)
     torch.set_num_threads(args.threads)
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # a killed run still removes its scratch dir
     if args.quick:
         args.models, args.formats, args.methods, args.seeds = "olmoe", "w3g64", "fp,rtn,gptq", "0,1"
         args.samples, args.seq_len, args.eval_windows, args.no_llmc = 16, 128, 16, True
