@@ -521,6 +521,7 @@ def main(argv=None) -> dict | None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         out.with_suffix(".md").write_text(table + "\n")
+        Path(str(out) + ".partial.json").unlink(missing_ok=True)     # the run is complete: its rows are in OUT
     return result
 
 
