@@ -207,6 +207,8 @@ class Config:
                               f"got {self.name!r}")
         if self.output.dir is None:
             self.output.dir = os.path.join("outputs", self.name)
+        if self.quant.int_scale_dtype == "auto":      # int scales in the model's dtype where it is bfloat16
+            self.quant.int_scale_dtype = "bfloat16" if self.model.dtype == "bfloat16" else "float16"
 
     def expand_user_paths(self) -> None:
         """`~` and `~user` in every path key, as a shell would (`model.path: ~/x` is the home's x)."""

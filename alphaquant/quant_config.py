@@ -131,10 +131,11 @@ class QuantConfig:
     # true: accept MX blocks other than 32, NVFP4 other than 16, grouped fp8_e4m3; such modules are
     # written alphaquant-packed (no compressed-tensors layout exists: transformers and vLLM refuse them)
     nonstandard_blocks: bool = False
-    # dtype integer formats round their scales to. float16 (GPTQ checkpoints' choice) is lossless for
-    # float16/float32 models; transformers allocates a dense linear's scales in the MODEL dtype, so
-    # for a bfloat16 model use bfloat16 (what llm-compressor writes) to be read back exactly there
-    int_scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # dtype integer formats round their scales to. auto: bfloat16 in a bfloat16 model (what llm-compressor
+    # writes; transformers allocates dense scales in the model dtype and decompresses fused experts to the
+    # scales' dtype, so float16 scales there are rounded for dense linears and give float32 experts, whose
+    # CUDA forward fails in a bfloat16 model), else float16 (GPTQ checkpoints' choice, lossless for them)
+    int_scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
     def __post_init__(self):
         if self.default.group_size is None:          # built in code, not from YAML

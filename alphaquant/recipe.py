@@ -105,7 +105,7 @@ def resolve_recipe(quant_cfg: QuantConfig, modules: list[tuple[str, int, int]]) 
     specs = {}
     for name, in_f, out_f in modules:
         spec = QuantSpec(**fields[name], rule=last[name], shape=(out_f, in_f),
-                         scale_dtype=getattr(quant_cfg, "int_scale_dtype", "float16"))
+                         scale_dtype=_int_scale_dtype(quant_cfg))
         g = spec.group_size
         if spec.quantized and g != -1 and in_f % g:
             src = set_by[name]["group_size"]
@@ -233,3 +233,10 @@ def render_plan(rows: list[dict]) -> str:
              f"{r['bytes'] / 2**20:.2f}", r["rule"]) for r in rows]
     widths = [max(len(c) for c in col) for col in zip(head, *body)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body))
+
+
+def _int_scale_dtype(quant_cfg) -> str:
+    """quant.int_scale_dtype; "auto" is resolved against model.dtype by Config.check, and means float16
+    for a QuantConfig used on its own."""
+    sd = getattr(quant_cfg, "int_scale_dtype", "float16")
+    return "float16" if sd == "auto" else sd

@@ -480,8 +480,67 @@ def stage_llmc_and_errors(args, work: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# serve: does the reader our users have (transformers + compressed-tensors) get our model?
+@torch.no_grad()
+def stage_serve(args, work: Path) -> dict:
+    """Our checkpoint loaded by transformers (compressed-tensors decompression), against our own reader
+    (alphaquant.export.load_quantized): logits on calibration windows and a greedy continuation of a
+    fixed prompt, both on the benchmark's device, in bfloat16; where transformers cannot run the checkpoint
+    in bfloat16 the error is recorded and both readers are compared in float32."""
+    import traceback
+
+    import compressed_tensors
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from alphaquant.export.reader import load_quantized
+
+    device = torch.device(args.device)
+    out = work / our_out_name(args)
+    windows = torch.load(work / "windows.pt")[:2, :512].to(device)        # 2 windows x 512 tokens
+    prompt = windows[:1, :32]
+
+    def transformers_side(dtype):
+        t0 = time.perf_counter()
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
+        seconds = time.perf_counter() - t0
+        dtypes = sorted({str(p.dtype) for p in hf.parameters() if p.is_floating_point()})
+        logits = hf(windows).logits.float()
+        # an explicit mask: random prompt tokens include the pad id, which generate() would otherwise mask out;
+        # min_new_tokens: no early stop at a random eos
+        gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
+                          do_sample=False)[0, 32:].tolist()
+        return seconds, dtypes, logits, gen
+
+    dtype, error = torch.bfloat16, None
+    try:
+        seconds, dtypes, hf_logits, hf_gen = transformers_side(dtype)
+    except RuntimeError as e:
+        error = str(e).splitlines()[0]
+        (work / "serve_bf16_traceback.txt").write_text(traceback.format_exc())
+        dtype = torch.float32
+        seconds, dtypes, hf_logits, hf_gen = transformers_side(dtype)
+    ours = load_quantized(out, dtype=str(dtype).removeprefix("torch.")).to(device).eval()
+    our_logits = ours(windows)
+    our_logits = (our_logits.logits if hasattr(our_logits, "logits") else our_logits).float()
+    gen = getattr(ours, "generate", None)
+    our_gen = gen(prompt, max_new_tokens=16)[0, 32:].tolist() if gen is not None else None
+    diff = (hf_logits - our_logits).abs()
+    span = (our_logits.amax() - our_logits.amin()).item()
+    return {"transformers": transformers.__version__, "compressed_tensors": compressed_tensors.__version__,
+            "dtype": str(dtype), "bf16_error": error, "seconds_load_transformers": seconds,
+            "tokens": int(windows.numel()), "parameter_dtypes_after_load": dtypes,
+            "logits_max_abs_diff": diff.max().item(), "logits_range": span,
+            "logits_max_abs_diff_of_range": diff.max().item() / span,
+            "argmax_agreement": (hf_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item(),
+            "greedy_16_tokens_equal": our_gen == hf_gen if our_gen is not None else None,
+            "greedy_transformers": hf_gen, "greedy_ours": our_gen}
+
+
+# --------------------------------------------------------------------------------------------
 # driver
-STAGES = {"build": stage_build, "ours": stage_ours, "llmc": stage_llmc_and_errors, "errors": stage_errors}
+STAGES = {"build": stage_build, "ours": stage_ours, "llmc": stage_llmc_and_errors, "errors": stage_errors,
+          "serve": stage_serve}
 
 
 def run_stage(args, stage: str, work: Path, extra: list[str] = (), launcher: list[str] = ()) -> dict:
@@ -541,6 +600,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (also skipped when not importable)")
     p.add_argument("--reuse-build", action="store_true", help="keep the workdir's checkpoint from an earlier run")
     p.add_argument("--no-errors", action="store_true", help="skip the per-layer error stage (timing runs)")
+    p.add_argument("--serve", action="store_true",
+                   help="load our checkpoint with transformers too: logits and a greedy continuation vs ours")
     p.add_argument("--profile", action="store_true", help="torch.profiler over our run (workdir/profile*.txt)")
     p.add_argument("--cprofile", action="store_true", help="cProfile over our run (workdir/cprofile_*.txt)")
     p.add_argument("--workdir", default=None, help="scratch directory, kept (default: a temporary one, removed at the end)")
@@ -606,6 +667,8 @@ def _run_all(args, argv, work: Path) -> dict:
             r = run_stage(cut_args, "llmc", cut)
             result["cut"] = {"layers": args.llmc_layers, "ours": cut_ours, "errors": r.pop("errors")}
             result["llm_compressor"] = r
+    if args.serve:
+        result["serve"] = run_stage(args, "serve", work)
     result["summary"] = summarize(result)
     result["bench_seconds"] = time.perf_counter() - t0
     table = render(result)
@@ -718,6 +781,16 @@ def render(r: dict) -> str:
     lines += ["", "forward: the collect passes minus Hessian updates and solve; write: waiting for the previous "
               "layer's background write (compression, shards, resume state); other: the rest of the layer; "
               "peak host memory is ru_maxrss of the stage's process."]
+    if r.get("serve"):
+        v = r["serve"]
+        lines += ["", f"Serving check: our checkpoint loaded by transformers {v['transformers']} + compressed-tensors "
+                  f"{v['compressed_tensors']} vs our reader, {v['tokens']} tokens, {v['dtype']}"
+                  + (f" (in bfloat16 transformers' forward fails: '{v['bf16_error']}')" if v.get("bf16_error") else "")
+                  + ": largest logit difference "
+                  f"{v['logits_max_abs_diff']:.3g} ({v['logits_max_abs_diff_of_range']:.2e} of the logits' range), "
+                  f"argmax agreement {100 * v['argmax_agreement']:.2f}%, greedy 16-token continuation "
+                  + ("identical" if v["greedy_16_tokens_equal"] else "DIFFERS" if v["greedy_16_tokens_equal"] is False
+                     else "not compared") + "."]
     err = (r["cut"]["errors"] if "cut" in r else r.get("errors")) or {"ours": {"local": [], "propagated": []}}
     lines += ["", "Per-layer relative output error ||Y_q - Y|| / ||Y|| on the calibration tokens "
               "(local: fp input; propagated: the quantized model's own input):", "",

@@ -159,3 +159,12 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 def test_top_level_must_be_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize("dtype,explicit,want", [("bfloat16", None, "bfloat16"), ("float32", None, "float16"),
+                                                 ("float16", None, "float16"), ("bfloat16", "float16", "float16")])
+def test_int_scale_dtype_auto_follows_the_model_dtype(dtype, explicit, want):
+    """auto: bfloat16 scales in a bfloat16 model (transformers then reads dense int linears exactly and its
+    fused int experts stay bfloat16, which its CUDA forward needs), float16 otherwise; an explicit value wins."""
+    argv = ["--model.path", "x", "--model.dtype", dtype] + (["--quant.int_scale_dtype", explicit] if explicit else [])
+    assert load_config(None, argv).quant.int_scale_dtype == want

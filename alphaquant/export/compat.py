@@ -69,11 +69,20 @@ def serving_warnings(config: dict) -> list[str]:
             out.append(f"{label}: {TESTED} fail to load asymmetric int (zero points of experts are dropped, "
                        f"dense ones allocated unpacked); {READERS_OK}")
         sd = ours.get(name, {}).get("scale_dtype", "float16")
+        if is_experts and fmt == "pack-quantized" and {dtype, sd} == {"bfloat16", "float16"}:
+            out.append(f"{label} experts: {TESTED} decompress fused experts with {sd} scales in a {dtype} model to "
+                       f"float32, and on CUDA their batched experts forward then fails ('expected scalar type Float "
+                       f"but found BFloat16', measured on an H200); set quant.int_scale_dtype: {dtype} (the auto "
+                       f"default does), or load in float32; {READERS_OK}")
         lossy = (dtype == "bfloat16" and sd != "bfloat16") or (dtype == "float16" and sd == "float32")
         if dense and fmt == "pack-quantized" and lossy:
             out.append(f"{label} dense linears: transformers allocates their scales in the model dtype ({dtype}) and "
                        f"rounds our {sd} scales to it, so its weights differ from ours (up to 2^-9 relative per "
                        f"group); set quant.int_scale_dtype: {dtype} to be read exactly; {READERS_OK}")
+        if is_experts and fmt in _FP_BF16 and dtype != "bfloat16":
+            out.append(f"{label} experts: {TESTED} decompress fused FP experts to bfloat16 in a {dtype} model, and on "
+                       f"CUDA their batched experts forward then fails with a dtype error (its CPU grouped_mm path "
+                       f"runs); load with dtype=torch.bfloat16; {READERS_OK}")
         if dense and fmt in _FP_BF16 and dtype != "bfloat16":
             out.append(f"{label} dense linears: {TESTED} decompress them to bfloat16 and the {dtype} model's "
                        f"forward fails with a dtype error; load with dtype=torch.bfloat16; {READERS_OK}")
