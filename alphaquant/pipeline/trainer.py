@@ -178,7 +178,8 @@ class FiniteEvaluation(L.Callback):
         self._bad = None                          # device bool: a non-finite value in this pass
 
     def _watch(self, runner) -> bool:
-        return runner.plan.stream in self.STREAMS and runner.plan.phase in ("propagate", "head")
+        plan = getattr(runner, "plan", None)       # only the layer runner's passes carry a plan
+        return plan is not None and plan.stream in self.STREAMS and plan.phase in ("propagate", "head")
 
     def on_predict_start(self, trainer, runner):
         self._bad = None
