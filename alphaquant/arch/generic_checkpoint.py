@@ -14,15 +14,11 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 
 @torch.no_grad()
 def load_quantized_generic(directory, dtype=None, device=None):
-    from alphaquant.export.compressed import decompress, layout_of
-    from alphaquant.export.qconfig import module_groups
-    from alphaquant.export.reader import STORED, _spec_of
-    from alphaquant.recipe import build_format
+    from alphaquant.export.reader import decoded_tensors
     from models.common.checkpoint import CheckpointReader
     from models.hf_backend import HFCausalLM, build_meta
     from models.loading import resolve_dtype
@@ -38,29 +34,10 @@ def load_quantized_generic(directory, dtype=None, device=None):
         del config.quantization_config
     dtype = resolve_dtype(dtype, config_dict)
     model = HFCausalLM(build_meta(config, dtype))
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    groups = module_groups(qcfg, linears)
-    formats = {}
-    for gname, g in qcfg["alphaquant"]["groups"].items():
-        spec = _spec_of(g)
-        formats[gname] = (build_format(spec), layout_of(spec, act_order=g.get("act_order", False)))
     reader = CheckpointReader(directory)
     device = torch.device(device or "cpu")
-    tensors = {}
     try:
-        for key, _ in model.named_parameters(remove_duplicate=False):
-            if model.tied and key == "lm_head.weight":
-                continue
-            owner, _, leaf = key.rpartition(".")
-            if leaf == "weight" and owner in groups:
-                fmt, layout = formats[groups[owner]]
-                stored = {n: reader.read(f"{owner}.{n}") for n in STORED if f"{owner}.{n}" in reader.key_to_file}
-                if not stored:
-                    raise KeyError(f"{owner}: no quantized tensors in {directory} although config group "
-                                   f"{groups[owner]} targets it")
-                tensors[key] = decompress(stored, fmt, layout, dtype)
-            else:
-                tensors[key] = reader.read(key).to(dtype)
+        tensors = dict(decoded_tensors(model, qcfg, reader, dtype, directory, skip_lm_head=model.tied))
     finally:
         reader.close()
     model.install(tensors, device)

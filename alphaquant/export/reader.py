@@ -54,6 +54,31 @@ def decompress_modules(tensors: dict[str, torch.Tensor], specs: dict, dtype: tor
 
 
 @torch.no_grad()
+def decoded_tensors(model: nn.Module, qcfg: dict, reader, dtype, directory, skip_lm_head: bool = False):
+    """(parameter name, tensor in dtype) for every parameter of `model` (built on meta from the checkpoint's
+    config.json): quantized linears decoded from their stored codes and scales, the rest read as stored.
+    Shared by the local families' reader and the generic path's."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    groups = module_groups(qcfg, linears)
+    formats = {}
+    for gname, g in qcfg["alphaquant"]["groups"].items():
+        spec = _spec_of(g)
+        formats[gname] = (build_format(spec), layout_of(spec, act_order=g.get("act_order", False)))
+    for key, _ in list(model.named_parameters(remove_duplicate=False)):
+        if skip_lm_head and key == "lm_head.weight":
+            continue
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "weight" and owner in groups:
+            fmt, layout = formats[groups[owner]]
+            stored = {n: reader.read(f"{owner}.{n}") for n in STORED if f"{owner}.{n}" in reader.key_to_file}
+            if not stored:
+                raise KeyError(f"{owner}: no quantized tensors in {directory} although config group "
+                               f"{groups[owner]} targets it")
+            yield key, decompress(stored, fmt, layout, dtype)
+        else:
+            yield key, reader.read(key).to(dtype)
+
+
 def load_quantized(directory, dtype=None, device=None) -> nn.Module:
     """Our model with dequantized weights from a checkpoint written by QuantizedCheckpointWriter.
 
@@ -77,28 +102,9 @@ def load_quantized(directory, dtype=None, device=None) -> nn.Module:
         model = model_class_for(config.get("model_type"))(config_from_dict(config))
     model = model.to(dtype)
 
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    groups = module_groups(qcfg, linears)
-    ours = qcfg["alphaquant"]["groups"]
-    reader = CheckpointReader(directory)
-    formats = {}
-    for gname, g in ours.items():
-        spec = _spec_of(g)
-        formats[gname] = (build_format(spec), layout_of(spec, act_order=g.get("act_order", False)))
     tied = model.config.tie_word_embeddings
-    for key, _ in list(model.named_parameters(remove_duplicate=False)):
-        if tied and key == "lm_head.weight":
-            continue
-        owner, _, leaf = key.rpartition(".")
-        if leaf == "weight" and owner in groups:
-            fmt, layout = formats[groups[owner]]
-            stored = {n: reader.read(f"{owner}.{n}") for n in STORED if f"{owner}.{n}" in reader.key_to_file}
-            if not stored:
-                raise KeyError(f"{owner}: no quantized tensors in {directory} although config group "
-                               f"{groups[owner]} targets it")
-            t = decompress(stored, fmt, layout, dtype)
-        else:
-            t = reader.read(key).to(dtype)
+    reader = CheckpointReader(directory)
+    for key, t in decoded_tensors(model, qcfg, reader, dtype, directory, skip_lm_head=tied):
         _set(model, key, t.to(device))
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
