@@ -55,6 +55,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+        S = x.shape[1]
+        q, k, v = self.heads(x, *position_embeddings)
+        mask = attention_mask
+        if self.sliding_window:  # key j visible from query i only if i - j < window
+            idx = torch.arange(S, device=x.device)
+            band = (idx[:, None] - idx[None, :]) < self.sliding_window
+            mask = (_causal(S, x.device) if mask is None else mask) & band
+        return self.attend(q, k, v, mask)
+
+    def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, S, H) -> q (B, nh, S, hd), k and v (B, nkv, S, hd): projected, normed, clipped, rotated.
+        Shared with the KV-cache decoding of models/common/generate.py."""
         B, S, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if hasattr(self, "q_norm"):
@@ -64,19 +76,19 @@ class Attention(nn.Module):
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
         k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, *position_embeddings)
-        mask = attention_mask
-        if self.sliding_window:  # key j visible from query i only if i - j < window
-            idx = torch.arange(S, device=x.device)
-            band = (idx[:, None] - idx[None, :]) < self.sliding_window
-            mask = (_causal(S, x.device) if mask is None else mask) & band
+        q, k = apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, nh, s, hd) over k, v (B, nkv, T, hd) -> (B, s, H) after o_proj; mask None = plain causal."""
         rep = self.n_heads // self.n_kv
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # (B, nh, S, hd); no mask = no padding and no window: plain causal on the fused kernels
+        # (B, nh, s, hd); no mask = no padding and no window: plain causal on the fused kernels
         if q.is_cuda:
             with sdpa_kernel(CUDA_SDPA_BACKENDS):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        B, _, s, _ = q.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, s, -1))

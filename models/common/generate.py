@@ -16,23 +16,14 @@ own modules. Rows of a batch share one prompt length (no padding).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .layers import apply_rotary, rotary_cos_sin
+from .layers import rotary_cos_sin
 
 
 def _attend(attn, x: torch.Tensor, cos, sin, cache: list, t0: int) -> torch.Tensor:
     """Attention of queries at positions t0.. over the cached keys and the new ones; extends `cache`."""
-    B, s, _ = x.shape
-    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.clip_qkv is not None:
-        q, k, v = (t.clamp(-attn.clip_qkv, attn.clip_qkv) for t in (q, k, v))
-    q = q.view(B, s, attn.n_heads, attn.head_dim).transpose(1, 2)    # (B, nh, s, hd)
-    k = k.view(B, s, attn.n_kv, attn.head_dim).transpose(1, 2)       # (B, nkv, s, hd)
-    v = v.view(B, s, attn.n_kv, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary(q, k, cos, sin)
+    s = x.shape[1]
+    q, k, v = attn.heads(x, cos, sin)
     if cache:
         k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)   # (B, nkv, T, hd)
     cache[:] = [k, v]
@@ -42,11 +33,7 @@ def _attend(attn, x: torch.Tensor, cos, sin, cache: list, t0: int) -> torch.Tens
     mask = kpos <= qpos                                               # causal
     if attn.sliding_window:
         mask = mask & (qpos - kpos < attn.sliding_window)
-    rep = attn.n_heads // attn.n_kv
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])   # (B, nh, s, hd)
-    return attn.o_proj(out.transpose(1, 2).reshape(B, s, -1))
+    return attn.attend(q, k, v, mask[None, None])
 
 
 def _forward(model, ids: torch.Tensor, caches: list[list], t0: int) -> torch.Tensor:
