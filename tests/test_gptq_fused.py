@@ -10,9 +10,6 @@ The kernel runs on a GPU (tests marked gpu) and, where Triton is installed, on t
 Triton's interpreter: TRITON_INTERPRET=1 must be set before Triton is imported, so that part
 runs this file as a script in a subprocess.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -131,12 +128,9 @@ def test_dynamic_groups_and_large_blocks_keep_the_torch_sweep():
 # -- the kernel on the CPU (Triton's interpreter) ----------------------------------------------------
 @pytest.mark.skipif(fused_sweep.triton is None, reason="Triton is not installed")
 def test_kernel_in_triton_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
-    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "rounding ok" in r.stdout and "sweep ok" in r.stdout
+    from triton_interp import run_under_triton_interpreter
+    out = run_under_triton_interpreter(__file__)
+    assert "rounding ok" in out and "sweep ok" in out
 
 
 # -- the kernel on a GPU ----------------------------------------------------------------------------
