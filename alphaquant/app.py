@@ -40,7 +40,9 @@ def parse_cli(argv):
     p.add_argument("--recipe", metavar="FILE", help="a recipe file (.json/.yaml: the quant section, e.g. "
                    "configs/gptq_olmoe_mixed.json) that replaces the config's quant section")
     p.add_argument("--dry-run", action="store_true", help="print the per-module plan (format, shape, size of every "
-                   "linear, the rule that chose it) without reading a weight, then exit")
+                   "linear, the rule that chose it) and the estimated peak GPU and host memory for "
+                   "calibration.batch_size, without reading a weight (a hub id: its json files and safetensors "
+                   "headers only), then exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--eval-only", metavar="DIR", help="evaluate a saved quantized checkpoint and exit "

@@ -45,27 +45,129 @@ def resolve_dtype(dtype: str | torch.dtype | None, config_dict: dict[str, Any] |
     return _DTYPES[dtype]
 
 
-def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id fetched (config + safetensors only) via huggingface_hub."""
+def _looks_like_hub_id(path_or_id: str | os.PathLike) -> bool:
+    text, path = str(path_or_id), Path(path_or_id)
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+
+
+def _hub_failure(text: str, e: Exception) -> str:
+    """Why a hub id could not be fetched, in one clause (huggingface_hub's own messages run to several lines)."""
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.GatedRepoError):
+        return "it is a gated repository: accept its licence on the Hub and log in with `hf auth login`"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return "the Hub has no such repository, or it is private"
+    if isinstance(e, errors.RevisionNotFoundError):
+        return "the Hub has no such revision of it"
+    if isinstance(e, errors.LocalEntryNotFoundError):
+        return "the Hub cannot be reached and its files are not in the local cache"
+    first = (str(e).strip().splitlines() or [""])[0].rstrip(".")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def resolve_checkpoint_dir(path_or_id: str | os.PathLike, weights: bool = True) -> Path:
+    """A local directory as is; otherwise a hub id fetched via huggingface_hub: its *.json files (config.json,
+    model.safetensors.index.json, tokenizer and generation configs) and, with `weights`, its *.safetensors.
+
+    weights=False (a dry run): nothing but the small json files is downloaded; the tensors' names, shapes and
+    dtypes then come from the safetensors headers (`HubHeaders`, HTTP range requests)."""
     path = Path(path_or_id)
     if path.is_dir():
         return path
     text = str(path_or_id)
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
-    if not looks_like_hub_id:
+    if not _looks_like_hub_id(path_or_id):
         tried = "" if path.is_absolute() else f" (tried '{Path.cwd() / path}': a relative path is resolved against " \
                                                f"the current directory)"
         raise FileNotFoundError(f"model directory {text!r} does not exist{tried}.")
+    patterns = ["*.json", "*.safetensors"] if weights else ["*.json"]
     try:
-        from huggingface_hub import snapshot_download
+        import huggingface_hub
 
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(huggingface_hub.snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo...
         # relative paths are resolved against the current directory: say which directory was looked for
         raise FileNotFoundError(
             f"{text!r} is not a local directory (there is no '{Path.cwd() / path}'; a relative path is resolved "
             f"against the current directory) and could not be fetched from the Hugging Face Hub "
-            f"({type(e).__name__}: {e}).") from e
+            f"({_hub_failure(text, e)}).") from e
+
+
+class HubHeaders(CheckpointReader):
+    """The tensor index of a hub checkpoint from its safetensors headers alone: names, shapes and dtypes read
+    with `huggingface_hub.get_safetensors_metadata` (the index json plus an HTTP range request per shard
+    header), so a dry run checks the weights without downloading them. `read` refuses: there is no data."""
+
+    def __init__(self, repo_id: str, revision: str | None = None) -> None:
+        import huggingface_hub
+
+        from .common.checkpoint import _INTEGER_DTYPES, _WEIGHT_KEY
+
+        self.directory = f"'{repo_id}' (Hugging Face Hub)"
+        self._handles, self._checked = {}, set()
+        try:
+            meta = huggingface_hub.get_safetensors_metadata(repo_id, revision=revision)
+        except Exception as e:
+            from huggingface_hub import errors
+            if isinstance(e, errors.NotASafetensorsRepoError):
+                raise CheckpointError(f"the hub model {repo_id!r} has no safetensors weights; AlphaQuant reads "
+                                      f"safetensors checkpoints only: convert it, or point model.path at a "
+                                      f"directory holding *.safetensors") from None
+            if isinstance(e, errors.SafetensorsParsingError):
+                raise CheckpointError(f"a safetensors header of the hub model {repo_id!r} is corrupt "
+                                      f"({(str(e).splitlines() or [''])[0]}); it cannot be quantized") from None
+            raise FileNotFoundError(f"the safetensors headers of {repo_id!r} could not be read from the Hugging "
+                                    f"Face Hub ({_hub_failure(repo_id, e)}).") from e
+        self.key_to_file = dict(meta.weight_map)
+        self._info = {}
+        for file, fmeta in meta.files_metadata.items():
+            for key, info in fmeta.tensors.items():
+                self._info[key] = info
+                if _WEIGHT_KEY.search(key) and info.dtype in _INTEGER_DTYPES:
+                    raise CheckpointError(
+                        f"the tensor {key!r} in '{file}' of {repo_id!r} is stored as {info.dtype}, an integer type; "
+                        f"model weights must be floating point (F32, F16, BF16 or F8_*): is this checkpoint "
+                        f"already quantized? point model.path at the unquantized model")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._info[key].shape)
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype of `key` as safetensors names it ('BF16', 'F32', ...)."""
+        return self._info[key].dtype
+
+    def fork(self) -> "HubHeaders":
+        return self
+
+    def read(self, key: str) -> torch.Tensor:
+        raise RuntimeError(f"{key!r}: a checkpoint read from its headers alone ({self.directory}) has no tensor "
+                           f"data; load the model with from_pretrained to read weights")
+
+
+def checkpoint_headers(path_or_id: str | os.PathLike) -> CheckpointReader:
+    """The checkpoint's tensor index with no tensor data read: a local directory's safetensors headers
+    (`CheckpointReader` parses them; dtypes checked), or a hub id's (`HubHeaders`, nothing downloaded)."""
+    if Path(path_or_id).is_dir():
+        return CheckpointReader(path_or_id)
+    return HubHeaders(str(path_or_id))
+
+
+def check_against_headers(model: nn.Module, path_or_id: str | os.PathLike, directory: Path) -> None:
+    """A dry run's weight checks on a meta skeleton, from the headers only (`checkpoint_headers`): every
+    tensor the model needs is there, stored as floats, in the shape config.json implies. Sets
+    model.checkpoint to the header index (it reads no data)."""
+    model.checkpoint = checkpoint_headers(path_or_id)
+    if hasattr(model, "check_keys"):      # the generic path's model (hf_backend) knows its own key plan
+        model.check_keys()
+        return
+    refuse_quantized(Path(directory), read_config_dict(Path(directory)))
+    _check_keys(model)
+    for key, meta in _checkpoint_keys(model):
+        if key in model.checkpoint.key_to_file:       # a fused expert tensor is sliced: checked on read
+            shape = model.checkpoint.shape(key)
+            if shape != tuple(meta.shape):
+                raise CheckpointError(f"{key}: checkpoint shape {shape} != model shape {tuple(meta.shape)} "
+                                      f"(does config.json match the weights?).")
 
 
 def read_config_dict(directory: Path) -> dict[str, Any]:

@@ -189,7 +189,7 @@ def run_config(cfg, dry_run: bool = False) -> QuantizeResult:
     if not dry_run:                       # a plan needs no data, and may be made on a laptop for a GPU machine
         preflight(cfg)                    # data files, tokenizer, devices: no weights read
     session = CalibrationSession(cfg)
-    session.prepare()                     # model skeleton, recipe, output dir: no weights read yet
+    session.prepare(dry_run=dry_run)      # model skeleton, recipe, output dir: no weights read yet
     if dry_run:
         session.print_plan()
         return QuantizeResult(config=cfg, specs=session.specs, dry_run=True)

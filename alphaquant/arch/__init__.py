@@ -114,25 +114,34 @@ def _generic_skeleton(obj: Any, dtype=None):
     return HFCausalLM(build_meta(config, dtype or torch.float32))
 
 
-def load_model(model_cfg, skeleton_only: bool = False):
+def load_model(model_cfg, skeleton_only: bool = False, headers: bool = False):
     """(model, adapter) for the `model:` config section: the local family's code or the generic path.
 
-    skeleton_only: the model on the meta device from config.json alone (recipe checks, no weight read)."""
+    skeleton_only: the model on the meta device from config.json alone (recipe checks, no weight read; a hub
+    id fetches its json files only). headers: also check the skeleton against the safetensors headers
+    (`models.loading.check_against_headers`: a dry run; a hub id's headers are read without a download)."""
     import models
     from models.loading import read_config_dict, resolve_checkpoint_dir
 
-    directory = model_cfg.local_dir if skeleton_only else resolve_checkpoint_dir(model_cfg.path)
+    directory = (model_cfg.local_dir or resolve_checkpoint_dir(model_cfg.path, weights=False)) if skeleton_only \
+        else resolve_checkpoint_dir(model_cfg.path)
     model_type = read_config_dict(directory).get("model_type")
     if uses_local_code(model_type, model_cfg.implementation):
         if skeleton_only:
             from models.loading import skeleton
             model = skeleton(directory, model_cfg.dtype)
+            if headers:
+                from models.loading import check_against_headers
+                check_against_headers(model, model_cfg.path, directory)
         else:
             model = models.from_pretrained(directory, dtype=model_cfg.dtype, lazy=model_cfg.lazy)
         return model, get_adapter(model)
     from models import hf_backend
     if skeleton_only:
         model = hf_backend.skeleton(directory, model_cfg.dtype)
+        if headers:
+            from models.loading import check_against_headers
+            check_against_headers(model, model_cfg.path, directory)
     else:
         model = hf_backend.from_pretrained(directory, dtype=model_cfg.dtype, lazy=model_cfg.lazy)
     return model, GenericAdapter(model)

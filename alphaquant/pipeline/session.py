@@ -33,7 +33,9 @@ class CalibrationSession:
         self.stage_seconds: dict[str, float] = {}      # data, setup, walk, plots, finish (time outside the layers)
 
     # -- before any weight is read ----------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, dry_run: bool = False) -> None:
+        """dry_run: the model is the meta skeleton checked against the safetensors headers (a hub id downloads
+        its json files only); otherwise decoder layers stay on meta and the rest is loaded."""
         from alphaquant.arch import load_model
 
         cfg = self.cfg
@@ -42,7 +44,7 @@ class CalibrationSession:
             check_run_output(cfg, self.out_dir)
         # lazy: decoder layers stay on the meta device; shapes are all the recipe needs. The local family
         # code or transformers' classes (model.implementation; every other model takes transformers')
-        self.model, self.adapter = load_model(cfg.model)
+        self.model, self.adapter = load_model(cfg.model, skeleton_only=dry_run, headers=dry_run)
         self.specs = resolve_recipe(cfg.quant, self.adapter.linear_modules(self.model))
         check_formats(self.specs)
         self.specs = self._only_calibrated(self.specs)
@@ -58,11 +60,15 @@ class CalibrationSession:
                 for n, s in specs.items()}
 
     def print_plan(self) -> None:
+        from alphaquant.pipeline.memory_plan import plan_memory, render_memory
+
         mem = estimate_memory(self.specs)
         print(render_plan(plan_table(self.specs)))
         print("\nmodules per format: " + ", ".join(f"{k}: {v}" for k, v in format_counts(self.specs).items()))
+        # ratio = quantized / original bytes: 0.36x the size
         print(f"linear weights: {mem['original_bytes'] / 2**20:.1f} MiB -> {mem['quantized_bytes'] / 2**20:.1f} MiB "
-              f"({mem['ratio']:.2f}x smaller)")
+              f"({mem['ratio']:.2f}x the size)")
+        print(render_memory(self.cfg, plan_memory(self.cfg, self.model, self.adapter, self.specs)))
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> None:
