@@ -10,6 +10,7 @@ module, integrations/compressed_tensors.py: CompressedTensorsDequantize) and com
 (its meta-device compress leaves asymmetric zero points unpacked; FP4/FP6/MXFP8 decompress to
 bfloat16). They were found with TESTED below and are checked, one by one, by
 tests/test_export_transformers.py, which fails when a new version fixes one (then drop it here).
+GPT-OSS: only its own MXFP4 layout loads in transformers (export/gpt_oss_mxfp4.py, tests/test_generic_gpt_oss_serving.py).
 """
 from __future__ import annotations
 
@@ -36,6 +37,25 @@ def _label(group: dict, ours: dict) -> str:
     return f"{ours.get('wq', '?')}/{block}{asym} ({group.get('format')})"
 
 
+GPT_OSS_PER_EXPERT = (f"GPT-OSS experts written per expert in the compressed-tensors layout: {TESTED} cannot load that "
+                      f"for gpt_oss (transformers has no per-expert conversion for gpt_oss and compressed-tensors no "
+                      f"scheme for its fused 3D experts: from_pretrained reports mlp.experts.gate_up_proj/down_proj "
+                      f"missing and leaves them random); quantize only the routed experts, to mxfp4/32 (everything "
+                      f"else unquantized), for GPT-OSS's own MXFP4 layout, which transformers loads; "
+                      f"alphaquant.export.load_quantized reads this one exactly")
+
+
+def plan_warnings(model_type, specs: dict, output_format: str = "compressed-tensors") -> list[str]:
+    """Warning lines for a planned run (--dry-run: no checkpoint yet), from the model type and the resolved
+    {module: QuantSpec}; today only the GPT-OSS layout line, with the reason its native layout does not apply."""
+    from .gpt_oss_mxfp4 import MODEL_TYPE, native_reason
+    if model_type != MODEL_TYPE or output_format != "compressed-tensors" or not any(
+            s.quantized for s in specs.values()):
+        return []
+    why = native_reason(model_type, specs)
+    return [] if why is None else [f"{GPT_OSS_PER_EXPERT} (not GPT-OSS's layout here: {why})"]
+
+
 def serving_warnings(config: dict) -> list[str]:
     """Warning lines (no prefix, one sentence each) for a checkpoint's config.json dict; [] when
     transformers, vLLM and our reader all read it as written."""
@@ -44,6 +64,11 @@ def serving_warnings(config: dict) -> list[str]:
     ours = (qcfg.get("alphaquant") or {}).get("groups", {})
     out: list[str] = []
     model_type = config.get("model_type")
+    if model_type == "gpt_oss" and qcfg.get("quant_method") == "compressed-tensors" and groups:
+        # transformers does not load it at all, so its per-format problems below do not apply
+        packed = [n for n, g in groups.items() if g.get("format") == "alphaquant-packed"]
+        return [GPT_OSS_PER_EXPERT] + [f"{_label(groups[n], ours.get(n, {}))}: written in the alphaquant-packed "
+                                       f"layout, which vLLM refuses too" for n in packed]
     if model_type in _NO_HF_CLASS:
         out.append(f"{_NO_HF_CLASS[model_type]} has no transformers class ({TESTED}): "
                    f"AutoModelForCausalLM cannot build it; {READERS_OK}")

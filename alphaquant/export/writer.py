@@ -165,6 +165,12 @@ class QuantizedCheckpointWriter(LayerCompressor):
         tied = model.config.tie_word_embeddings
         self._non_layer_keys = [k for k, _ in model.named_parameters(remove_duplicate=False)
                                 if not k.startswith("model.layers.") and not (tied and k == "lm_head.weight")]
+        # GPT-OSS, whose experts transformers only loads fused (gpt_oss_mxfp4.py): with its own recipe (experts
+        # mxfp4/32, nothing else quantized) its native MXFP4 layout, dequantized its fused dense layout;
+        # layer_tensors stays per expert (the resume state's form), add_layer fuses
+        from .gpt_oss_mxfp4 import GptOssFusedDense, GptOssMxfp4
+        self.native = (GptOssMxfp4.for_model(model, specs) if self.stores_quantized
+                       else GptOssFusedDense.for_model(model))
 
     # --- per layer -------------------------------------------------------------------------
     def write_layer(self, i: int, layer: nn.Module) -> None:
@@ -173,6 +179,8 @@ class QuantizedCheckpointWriter(LayerCompressor):
 
     def add_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Layer i's `layer_tensors`, already in host memory, into the shards."""
+        if self.native is not None:
+            tensors = self.native.fuse_layer(i, tensors)
         for key, t in tensors.items():
             self.shards.add(key, t)
         self.layers_written.add(i)
@@ -215,7 +223,8 @@ class QuantizedCheckpointWriter(LayerCompressor):
         config = self.model.config.to_hf()
         config.pop("torch_dtype", None)
         config["dtype"] = str(self.dtype).removeprefix("torch.")
-        config["quantization_config"] = quantization_config(self.specs, sorted(self.act_order))
+        config["quantization_config"] = (self.native.quantization_config() if self.native is not None
+                                         else quantization_config(self.specs, sorted(self.act_order)))
         return config
 
     def _write_json(self, fname: str, data) -> None:
