@@ -8,7 +8,10 @@
 
 Errors a user can fix are `alphaquant.UserError` (ConfigError, DataError), as the CLI prints them.
 """
+from alphaquant._layout import install_checkout_finder
 from alphaquant.errors import ConfigError, DataError, UserError
+
+install_checkout_finder()   # alphaquant.models / alphaquant.callbacks from a checkout (see _layout.py)
 
 __all__ = ["ConfigError", "DataError", "QuantizeResult", "UserError", "detect_moe_architecture", "quantize"]
 

@@ -31,7 +31,7 @@ WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
 
 def parse_cli(argv):
     """(the CLI's own flags, the rest: --section.key VALUE config overrides)."""
-    from alphaquant.cli_help import render_keys
+    from alphaquant.config.cli_help import render_keys
 
     p = argparse.ArgumentParser(prog="train_quant.py", usage=USAGE, description=DESCRIPTION,
                                 epilog=render_keys(), formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,15 +105,15 @@ def _write_error(e: OSError, out_dir) -> str:
 
 
 def _is_model_input_error(e: BaseException) -> bool:
-    import models
+    from alphaquant import models
     return isinstance(e, (models.UnsupportedModelError, models.ModelConfigError, models.CheckpointError,
                           FileNotFoundError))
 
 
 def run(args, rest, state: dict | None = None) -> int:
     """The CLI over `alphaquant.api.run_config`, the function `alphaquant.quantize` calls too."""
-    from alphaquant.cli_help import check_flags
-    from alphaquant.config import load_config
+    from alphaquant.config.cli_help import check_flags
+    from alphaquant.config.run import load_config
 
     state = {} if state is None else state
     check_flags(rest)                     # a typo in a flag: the closest known one, before any file is read

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from models.common.moe import ExpertRoute
+from alphaquant.models.common.moe import ExpertRoute
 
 
 def expert_token_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert: int):

@@ -37,7 +37,7 @@ import e2e  # noqa: E402
 
 def compare_checkpoints(a: Path, b: Path) -> dict:
     """Tensor-by-tensor comparison of two checkpoints written by our pipeline."""
-    from models import CheckpointReader
+    from alphaquant.models import CheckpointReader
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     identical, differing, elems_diff, elems_total = 0, [], 0, 0
     for key in sorted(ra.key_to_file):

@@ -61,6 +61,9 @@ OURS = {   # method -> changes from DEFAULTS
     "gptq": {},
     "act_order": {"act_order": True},
     "uniform": {"hessian": "uniform"},
+    "routed_sq": {"hessian": "routed_sq"},
+    "act_order+routed_sq": {"act_order": True, "hessian": "routed_sq"},
+    "act_order+uniform": {"act_order": True, "hessian": "uniform"},
     "no_true_seq": {"true_sequential": False},
     "damp0.1": {"damp": 0.1},
     "mse": {"scale_search": "mse"},
@@ -101,7 +104,7 @@ class Evaluator:
     """The fp model of one checkpoint; perplexity of any set of replaced weights on the same windows."""
 
     def __init__(self, model_dir: Path, windows: torch.Tensor):
-        import models
+        from alphaquant import models
         self.model = models.from_pretrained(model_dir, dtype="fp32").eval()
         self.windows = windows
         self.fp = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -146,7 +149,7 @@ def run_ours(model_dir, tokens_pt, fmt, seed, opts, args, work: Path, expect_win
     import yaml
     from safetensors.torch import load_file
 
-    from alphaquant.config import load_config
+    from alphaquant.config.run import load_config
     from alphaquant.pipeline.session import CalibrationSession
 
     out = work / "ours_out"
@@ -170,7 +173,7 @@ def run_ours(model_dir, tokens_pt, fmt, seed, opts, args, work: Path, expect_win
 
 
 def quant_config(fmt: str):
-    from alphaquant.quant_config import QuantConfig, QuantOverride, QuantRule
+    from alphaquant.config.quant import QuantConfig, QuantOverride, QuantRule
     default, overrides, _ = FORMATS[fmt]
     qc = QuantConfig(default=QuantRule(**default), overrides=[QuantOverride(**o) for o in overrides])
     for i, o in enumerate(qc.overrides):
@@ -181,7 +184,7 @@ def quant_config(fmt: str):
 def rtn_weights(model_dir: Path, fmt: str, scale_search: str, fp: dict) -> dict:
     """Round-to-nearest of every linear our recipe quantizes (plain or MSE-searched scales)."""
     from alphaquant.gptq.scale_search import choose_params
-    from alphaquant.recipe import build_format
+    from alphaquant.config.recipe import build_format
 
     out = {}
     for name, spec in _solved_specs(model_dir, quant_config(fmt)).items():
@@ -193,8 +196,8 @@ def rtn_weights(model_dir: Path, fmt: str, scale_search: str, fp: dict) -> dict:
 def _solved_specs(model_dir: Path, qc) -> dict:
     """Module name -> QuantSpec of the linears the pipeline solves (decoder-layer linears, not routers)."""
     from alphaquant.arch import load_model
-    from alphaquant.config import ModelConfig
-    from alphaquant.recipe import resolve_recipe
+    from alphaquant.config.run import ModelConfig
+    from alphaquant.config.recipe import resolve_recipe
 
     model, adapter = load_model(ModelConfig(path=str(model_dir), dtype="float32", lazy=False), skeleton_only=True)
     specs = resolve_recipe(qc, adapter.linear_modules(model))
@@ -206,11 +209,17 @@ def _solved_specs(model_dir: Path, qc) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ llm-compressor
+def llmc_env() -> dict:
+    """llm-compressor's stage sees its own packages only, not ours: PYTHONPATH is QUALITY_LLMC_PYTHONPATH
+    (e.g. wheels unpacked into a folder on a machine without a venv for it), else empty."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("QUALITY_LLMC_PYTHONPATH", ""))
+
+
 def llmc_python(args) -> str | None:
     """The interpreter that runs llm-compressor's stage, or None (with the reason printed)."""
     py = args.llmc_python or sys.executable
     r = subprocess.run([py, "-c", "import llmcompressor, sys; print(llmcompressor.__version__)"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=llmc_env())
     if r.returncode != 0:
         log(f"llm-compressor is not importable by {py} (pass --llmc-python PATH to a venv that has it): "
             "its rows are skipped")
@@ -275,7 +284,7 @@ def run_llmc(py: str, model_dir: Path, fmt: str, windows: torch.Tensor, work: Pa
     torch.save(windows, wpath)
     cmd = [py, str(Path(__file__).resolve()), "--stage", "llmc", "--model", str(model_dir), "--windows", str(wpath),
            "--kind", FORMATS[fmt][2], "--result", str(res)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")       # its own packages only, not ours
+    env = llmc_env()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"llm-compressor stage failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -458,6 +467,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--train-steps", type=int, default=None, help="training steps of the three models (default: "
                    "bench/quality_models.TRAIN, 250: what 2 shared CPU cores train in ~10 min; far from converged)")
     p.add_argument("--train-batch", type=int, default=None, help="training windows per step (default 8)")
+    p.add_argument("--train-device", default=None, help="where the three models train (default cpu; cuda on a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two ran 10x slower on a shared 2-core machine)")
     p.add_argument("--quick", action="store_true", help="CI smoke: demo/olmoe-tiny, w3g64, fp/rtn/gptq, 2 seeds, small windows")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -496,7 +506,8 @@ def main(argv=None) -> dict | None:
     try:
         for arch in args.models:
             model_dir = DEMO_MODEL if args.quick or arch == "olmoe_demo" else ensure_model(
-                arch, cache, log=log, steps=args.train_steps, batch_size=args.train_batch)
+                arch, cache, log=log, steps=args.train_steps, batch_size=args.train_batch,
+                device=args.train_device)
             bench_model(arch, model_dir, args, work, llmc_py, rows, args.out)
     finally:
         if not args.keep:
@@ -507,7 +518,8 @@ def main(argv=None) -> dict | None:
               "quick": args.quick, "model_dirs": {a: str(DEMO_MODEL) if args.quick or a == "olmoe_demo"
                                                   else str(ensure_model(a, cache, log=lambda m: None,
                                                                         steps=args.train_steps,
-                                                                        batch_size=args.train_batch))
+                                                                        batch_size=args.train_batch,
+                                                                        device=args.train_device))
                                                   for a in args.models},
               "llmc_python": llmc_py, "torch": torch.__version__, "rows": rows,
               "fp": {r["model"]: r["ppl"] for r in rows if r["method"] == "fp"},

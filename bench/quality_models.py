@@ -49,7 +49,9 @@ ARCHS = {
                      sliding_window=None)),
 }
 TRAIN = {"seq_len": 128, "batch_size": 8, "steps": 250, "warmup_steps": 25, "lr": 3e-3, "min_lr_ratio": 0.1,
-         "weight_decay": 0.1, "betas": (0.9, 0.95), "grad_clip": 1.0, "seed": 0}
+         "weight_decay": 0.1, "betas": (0.9, 0.95), "grad_clip": 1.0, "seed": 0, "device": "cpu"}
+# On the GPU machine: --train-steps 3000 --train-batch 32 --train-device cuda (about a minute a model). The device
+# is part of the hash: CUDA and CPU kernels round differently, so they train different weights.
 
 
 def model_config(arch: str) -> dict:
@@ -102,7 +104,8 @@ def train_model(arch: str, out: Path, train: dict, threads: int = 1) -> None:
     torch.manual_seed(train["seed"])
     cfg_name, cls_name, _ = ARCHS[arch]
     config = getattr(transformers, cfg_name)(**model_config(arch))
-    model = getattr(transformers, cls_name)(config).float().train()
+    device = torch.device(train["device"])
+    model = getattr(transformers, cls_name)(config).float().to(device).train()
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     tokens = encode(tok, CORPUS / "train.txt")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
@@ -114,7 +117,7 @@ def train_model(arch: str, out: Path, train: dict, threads: int = 1) -> None:
     t0, curve, run = time.time(), [], []
     for step in range(train["steps"]):
         starts = torch.randint(0, tokens.numel() - S - 1, (B,), generator=gen)
-        x = tokens[starts[:, None] + torch.arange(S)]                      # (B, S)
+        x = tokens[starts[:, None] + torch.arange(S)].to(device)           # (B, S)
         loss = model(input_ids=x, labels=x, output_router_logits=True).loss   # CE + coef * load balancing
         for g in opt.param_groups:
             g["lr"] = _lr(step, train)
@@ -127,7 +130,7 @@ def train_model(arch: str, out: Path, train: dict, threads: int = 1) -> None:
             curve.append({"step": step + 1, "loss": round(sum(run) / len(run), 4), "s": round(time.time() - t0, 1)})
             print(json.dumps(curve[-1]), flush=True)
             run = []
-    model.eval()
+    model = model.cpu().eval()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -148,10 +151,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     ap.add_argument("--steps", type=int, default=None, help=f"training steps (default {TRAIN['steps']})")
     ap.add_argument("--batch-size", type=int, default=None, help=f"windows per step (default {TRAIN['batch_size']})")
+    ap.add_argument("--device", default=None, help=f"training device (default {TRAIN['device']}; cuda on a GPU)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine two threads ran 10x slower per step)")
     args = ap.parse_args(argv)
-    print(ensure_model(args.arch, args.cache_dir, args.threads, steps=args.steps, batch_size=args.batch_size))
+    print(ensure_model(args.arch, args.cache_dir, args.threads, steps=args.steps, batch_size=args.batch_size,
+                       device=args.device))
     return 0
 
 

@@ -14,6 +14,8 @@ on the first batch of the first pass with its group (compared on every later bat
 Modes (config `calibration.hessian`):
   routed       H_e = Σ_t c_t x_t x_tᵀ over the tokens routed to expert e, c = routing weight
                (MoEQuant AGQ); the Qwen2-MoE shared expert weighted by sigmoid(shared gate).
+  routed_sq    the same with c_t²: c_t multiplies the expert's output, so the output error the
+               expert's quantization causes on token t, and with it the layer loss, scales with c_t².
   uniform      the routed tokens, each with weight 1 (plain GPTQ on an MoE).
   all_experts  every token through every expert, weight 1 (llm-compressor's default);
                outputs stay routed, only the Hessians see all tokens.
@@ -29,9 +31,10 @@ from lightning.pytorch.callbacks import Callback
 from alphaquant.gptq import HessianState
 from alphaquant.gptq.hessian import accumulate_hessian_fast, accumulate_segments
 from alphaquant.routing import RoutePlan, expert_token_weights
-from callbacks.hooks import Source, expert_keys, input_identity, linear_input, shared_input_keys, weight_sources
+from alphaquant.callbacks.hooks import Source, expert_keys, input_identity, linear_input, shared_input_keys, weight_sources
 
-MODES = ("routed", "uniform", "all_experts")
+MODES = ("routed", "routed_sq", "uniform", "all_experts")
+WEIGHT_POWER = {"routed": 1, "routed_sq": 2}      # modes that weight tokens: the power of the routing weight
 
 
 class StopForward(Exception):
@@ -262,7 +265,7 @@ class HessianCollector(Callback):
                 if from_input:
                     plan = plans[block]
                     X, counts, w, ex = self._select(plan, experts, big.H.shape[0], self._block_in[block])
-                    accumulate_segments(big, X, counts, w if self.mode == "routed" else None, ex)
+                    accumulate_segments(big, X, counts, self._power(w), ex)
         else:
             self._flush_all_experts(layer)
             self._inputs.clear()      # the expert re-runs above re-fired the routed input hooks
@@ -296,18 +299,25 @@ class HessianCollector(Callback):
             raise RuntimeError(f"{missing[0]} was routed tokens but its input was not seen")
         X = torch.cat([xs[e] for e in sorted(xs)]) if xs else None
         if X is not None:
-            accumulate_segments(big, X, counts, w if self.mode == "routed" else None, ex)
+            accumulate_segments(big, X, counts, self._power(w), ex)
+
+    def _power(self, w: torch.Tensor | None) -> torch.Tensor | None:
+        """Routing weights as this mode weights the tokens (None: each token counts 1)."""
+        p = WEIGHT_POWER.get(self.mode)
+        if p is None or w is None:
+            return None
+        return w if p == 1 else w.pow(p)
 
     def _token_weights(self, name, src: Source, rows: int):
-        if self.mode != "routed" or src.kind == "plain":
+        if self.mode not in WEIGHT_POWER or src.kind == "plain":
             return None
         if src.kind == "shared":
-            return self._gates[src.block]
+            return self._power(self._gates[src.block])
         ids, w = self._routing[src.block]
         tokens, c = expert_token_weights(ids, w, src.expert)
         if tokens.numel() != rows:
             raise RuntimeError(f"{name} saw {rows} tokens but its router sent {tokens.numel()}")
-        return c
+        return self._power(c)
 
     def _flush_all_experts(self, layer):
         """Every token through every expert of the group (Hessians only; outputs unused)."""

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from alphaquant.formats.base import QParams, QTensor
 from alphaquant.gptq import gptq_quantize
 from alphaquant.gptq.hessian import TF32
-from alphaquant.recipe import build_format
+from alphaquant.config.recipe import build_format
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 DEMO_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DEMO_DIR.parent))  # run as a script from anywhere: `models` lives at the repo root
 
-import models  # noqa: E402
+from alphaquant import models  # noqa: E402
 
 EOT = "<|endoftext|>"
 SEED = 0

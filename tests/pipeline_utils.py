@@ -31,7 +31,7 @@ def write_config(path: Path, model_dir: Path, corpus: Path, **sections) -> Path:
 
 def run_session(config_path: Path, overrides=()):
     """Run a calibration in-process; returns the session (model, specs, results)."""
-    from alphaquant.config import load_config
+    from alphaquant.config.run import load_config
     from alphaquant.pipeline.session import CalibrationSession
 
     session = CalibrationSession(load_config(config_path, list(overrides)))

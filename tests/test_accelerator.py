@@ -76,7 +76,7 @@ def test_cluster_detection_skips_mpi_only_without_a_launcher(monkeypatch):
 def test_predict_runs_never_empty_the_cuda_cache(monkeypatch):
     """Through build_trainer (CPU here): a predict call does not reach torch.cuda.empty_cache (Lightning's
     checkpoint connector calls it on every run)."""
-    from alphaquant.config import Config
+    from alphaquant.config.run import Config
     from alphaquant.pipeline.trainer import build_trainer, quiet_lightning
     quiet_lightning()
     calls = []

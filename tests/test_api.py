@@ -14,7 +14,7 @@ import yaml
 import alphaquant
 import tiny
 from alphaquant.app import main
-from alphaquant.config import load_config
+from alphaquant.config.run import load_config
 from alphaquant.errors import ConfigError, UserError
 from pipeline_utils import write_config
 
@@ -84,7 +84,7 @@ def test_result_object(cli_and_api, olmoe):
     assert r.perplexity["quantized"] == summary["perplexity"]["quantized"]
     model = r.model                                   # read back from the checkpoint, once
     assert model is r.model
-    import models
+    from alphaquant import models
     original = models.from_pretrained(olmoe[1], dtype="float32").get_submodule(expert).weight
     w = model.get_submodule(expert).weight
     assert w.shape == original.shape and not torch.equal(w.float(), original.float())   # the quantized weights
@@ -107,7 +107,7 @@ def test_eval_only_without_config_reads_the_checkpoint(cli_and_api, olmoe, capsy
 def test_loaded_model_and_token_tensor_match_the_cli_on_a_token_file(olmoe, capsys):
     """quantize(model=<loaded model>, calibration=<token ids>) is the CLI run on the same weights and a
     .pt token file; the CLI run also compares uniform Hessians, so its log shows both run labels."""
-    import models
+    from alphaquant import models
 
     root, ckpt, corpus = olmoe
     tokens = torch.randint(0, 320, (4000,), generator=torch.Generator().manual_seed(0))
@@ -192,7 +192,7 @@ def test_import_alphaquant_is_light():
 
 
 def test_a_loaded_model_without_tokenizer_and_text_data_says_what_to_pass(olmoe):
-    import models
+    from alphaquant import models
     _, ckpt, corpus = olmoe
     cfg = {**tiny.BASE, **tiny.FAMILIES["olmoe"]}
     bare = models.from_config(cfg, seed=1)              # built in memory: no directory, no tokenizer

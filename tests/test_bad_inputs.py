@@ -379,7 +379,7 @@ def output_dir_not_writable_simulated(env):
 
 def disk_full_simulated(env):
     # safetensors reports a full disk as SafetensorError("... (os error 28)") (seen on a full tmpfs)
-    import models.common.checkpoint as ckpt_mod
+    import alphaquant.models.common.checkpoint as ckpt_mod
     from safetensors import SafetensorError
 
     def full(tensors, filename, metadata=None):
@@ -460,11 +460,11 @@ def test_bad_input_is_one_sentence_exit_2_nothing_written(case, base, tmp_path, 
     monkeypatch.chdir(tmp_path)                 # anything written by mistake lands here
     argv, needles = case(env)
     if case not in AFTER_LOAD:
-        import models.loading
+        from alphaquant.models import loading as models_loading
 
         def no_weights(model, prefix, *a, **k):
             raise AssertionError(f"weights under {prefix!r} were read before the bad input was reported")
-        monkeypatch.setattr(models.loading, "_materialize", no_weights)
+        monkeypatch.setattr(models_loading, "_materialize", no_weights)
     before = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
     rc = main(argv)

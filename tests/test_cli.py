@@ -111,8 +111,8 @@ def test_shipped_json_recipe_resolves_against_its_family(name, tmp_path):
     import json
 
     from alphaquant.arch import load_model
-    from alphaquant.config import Config, load_config
-    from alphaquant.recipe import check_formats, resolve_recipe
+    from alphaquant.config.run import Config, load_config
+    from alphaquant.config.recipe import check_formats, resolve_recipe
 
     family, expect = RECIPES[name]
     recipe = REPO / "configs" / name
@@ -168,7 +168,7 @@ def test_missing_recipe_names_the_path_tried(tmp_path, capsys, monkeypatch):
 
 # --- the command line -----------------------------------------------------------------------------------------
 def test_help_lists_every_config_key_with_type_default_and_meaning(capsys):
-    from alphaquant.cli_help import config_keys
+    from alphaquant.config.cli_help import config_keys
 
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -193,7 +193,7 @@ def test_help_lists_every_config_key_with_type_default_and_meaning(capsys):
 def test_print_config_is_the_resolved_yaml(tmp_path, capsys):
     demo = REPO / "configs/demo.yaml"
     assert main(["--config", str(demo), "--calibration.num_samples", "77", "--print-config"]) == 0
-    from alphaquant.config import Config, load_config
+    from alphaquant.config.run import Config, load_config
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["calibration"]["num_samples"] == 77 and printed["output"]["dir"]
     assert Config.from_dict(printed) == load_config(demo, ["--calibration.num_samples", "77"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from alphaquant.config import Config, load_config, parse_overrides
+from alphaquant.config.run import Config, load_config, parse_overrides
 from alphaquant.errors import ConfigError, UserError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

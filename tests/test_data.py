@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alphaquant import data_sources
-from alphaquant.config import load_config
+from alphaquant.config.run import load_config
 from alphaquant.data import (build_windows, calibration_windows, check_seq_len, eval_windows, load_text,
                              load_token_file, load_tokens, parse_split, tokenize)
 from alphaquant.errors import ConfigError, DataError, UserError

@@ -94,7 +94,7 @@ def test_dangerous_output_dirs_are_refused_before_any_weight_is_read(env, capsys
 
 
 def test_tilde_is_expanded_in_path_keys(tmp_path, monkeypatch):
-    from alphaquant.config import load_config
+    from alphaquant.config.run import load_config
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(None, ["--model.path", "~/m", "--output.dir", "~/out", "--calibration.dataset", "~/c.txt",
                              "--model.tokenizer", "~/tok"])
@@ -104,7 +104,7 @@ def test_tilde_is_expanded_in_path_keys(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b"])
 def test_run_names_that_are_not_one_directory_name_are_refused(name):
-    from alphaquant.config import load_config
+    from alphaquant.config.run import load_config
     from alphaquant.errors import ConfigError
     with pytest.raises(ConfigError, match="name must be a run name"):
         load_config(None, ["--model.path", "x", "--name", name])

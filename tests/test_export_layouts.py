@@ -14,7 +14,7 @@ import torch
 from alphaquant.export.compressed import (AQ_PACKED, compress, decompress, layout_of, pack_int32,
                                           unpack_int32)
 from alphaquant.export.qconfig import quantization_config
-from alphaquant.recipe import QuantSpec, build_format
+from alphaquant.config.recipe import QuantSpec, build_format
 
 R, C = 24, 128
 

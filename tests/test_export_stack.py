@@ -11,7 +11,7 @@ import torch
 
 from alphaquant.export.compressed import can_stack, compress, compress_stack, layout_of
 from alphaquant.export.writer import _stack_params, to_host
-from alphaquant.recipe import build_format
+from alphaquant.config.recipe import build_format
 from test_export_layouts import C, FLOAT_CASES, INT_CASES, R, on_grid, spec
 
 

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from tiny import make_checkpoint
 
-import models
+from alphaquant import models
 from alphaquant.export import QuantizedCheckpointWriter, load_quantized
 from alphaquant.export.compat import serving_warnings
 from alphaquant.export.qconfig import module_groups
-from alphaquant.recipe import QuantSpec, build_format
+from alphaquant.config.recipe import QuantSpec, build_format
 
 ct = pytest.importorskip("compressed_tensors")
 transformers = pytest.importorskip("transformers")

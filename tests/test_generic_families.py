@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-import models
+from alphaquant import models
 import tiny
 from alphaquant import arch
 from pipeline_utils import run_session, write_config

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from alphaquant import models
 from alphaquant import arch
 
 _BASE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -110,7 +110,7 @@ def test_detect_refusals_and_local_families():
 @pytest.mark.parametrize("model_type", list(HF_MODELS))
 def test_layer_walk_reproduces_transformers_logits(model_type, hf_dirs):
     """Lazy load, one layer at a time (installed, run, unloaded), against transformers' full load + forward."""
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     d = hf_dirs[model_type]
     model = hf_backend.from_pretrained(d, dtype="float32", lazy=True)
     adapter = arch.get_adapter(model)
@@ -132,7 +132,7 @@ def test_layer_walk_reproduces_transformers_logits(model_type, hf_dirs):
 def test_groups_cover_every_linear_once(model_type, hf_dirs):
     """True-sequential groups: every linear of a layer but routers/shared gates exactly once, attention first,
     an expert's down after its gate/up."""
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     model = hf_backend.skeleton(hf_dirs[model_type], "float32")
     adapter = arch.get_adapter(model)
     for layer in model.model.layers:
@@ -150,7 +150,7 @@ def test_groups_cover_every_linear_once(model_type, hf_dirs):
 
 
 def test_deepseek_v3_mla_groups(hf_dirs):
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     model = hf_backend.skeleton(hf_dirs["deepseek_v3"], "float32")
     groups = arch.get_adapter(model).sequential_groups(model.model.layers[1])
     a = "self_attn."
@@ -163,7 +163,7 @@ def test_more_architectures_walk_like_transformers(tmp_path):
     """Architectures with nothing of their own in AlphaQuant: Gemma (scaled embedding with a computed
     buffer), PhiMoE (router subclassing nn.Linear, returning a tuple), Qwen3-Next (hybrid linear attention,
     sigmoid-gated shared expert), GLM-4-MoE (partial rotary, grouped sigmoid routing)."""
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     extra = {
         "gemma": dict(head_dim=16, intermediate_size=96),
         "phimoe": dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
@@ -196,7 +196,7 @@ def test_more_architectures_walk_like_transformers(tmp_path):
 
 def test_refusals_name_the_reason(tmp_path):
     from transformers import AutoConfig
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     with pytest.raises(models.UnsupportedModelError, match="embedding_multiplier"):
         hf_backend.build_meta(AutoConfig.for_model("granitemoe", embedding_multiplier=12.0), torch.float32)
     with pytest.raises(models.UnsupportedModelError, match="final_logit_softcapping"):
@@ -211,8 +211,8 @@ def test_refusals_name_the_reason(tmp_path):
 def test_renumbered_key_plans_equal_transformers_conversion(tmp_path):
     """Layers past the second of a structure get their checkpoint key plan by renumbering; it must equal what
     transformers' inverse conversion gives for that layer (Mixtral: renamed block + w1/w3/w2 merged)."""
-    from models import hf_backend
-    from models.hf_keys import layer_plan
+    from alphaquant.models import hf_backend
+    from alphaquant.models.hf_keys import layer_plan
     import tiny
     d = tiny.make_checkpoint("mixtral", tmp_path / "mixtral", num_hidden_layers=4)
     model = hf_backend.skeleton(d, "float32")
@@ -235,7 +235,7 @@ def test_bf16_walk_equals_transformers_eager_experts_bitwise(model_type, hf_dirs
     per-expert accumulation order. (transformers' grouped_mm sums the top-k in fp32 and differs from its own
     eager forward by a few bf16 steps.)"""
     from transformers import AutoModelForCausalLM
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     d = hf_dirs[model_type]
     model = hf_backend.from_pretrained(d, dtype="bfloat16", lazy=True)
     for i in range(len(model.model.layers)):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny
-from alphaquant.recipe import build_format
+from alphaquant.config.recipe import build_format
 from pipeline_utils import run_session, write_config
 from test_generic_models import hf_reference, make_hf_checkpoint
 
@@ -42,7 +42,7 @@ def run(work, model_type, **sections):
 
 def expert_modules(model):
     """(layer index, transformers experts module) of a transformers model."""
-    from models.hf_experts import is_experts_module
+    from alphaquant.models.hf_experts import is_experts_module
     return [(i, m) for i, layer in enumerate(model.model.layers) for m in layer.modules() if is_experts_module(m)]
 
 
@@ -66,7 +66,7 @@ def reference_routing(hf, ids):
 def test_route_hook_sees_the_routing_transformers_applies(model_type, work):
     """Our route hook point, on our layer-by-layer model, against the arguments transformers' own experts
     forward is called with in transformers' own full model (softmax / sigmoid + bias + group top-k + scaling)."""
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     root = work[0]
     d = root / f"{model_type}-route"
     make_hf_checkpoint(model_type, d, tokenizer=False)
@@ -148,7 +148,7 @@ def test_every_expert_calibrated_token_counts(model_type, work):
 def test_gptq_beats_rtn(model_type, work):
     """Model output error after GPTQ below round-to-nearest's (same recipe), and on layer 0's first group (its
     inputs are the fp embeddings, so the Hessian is computed here) GPTQ's output error below RTN's per linear."""
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     s, d, _ = run(work, model_type)
     # random tiny models: perplexity moves either way under quantization noise, so the measure is the
     # logits' squared error against the fp model on the calibration windows (what GPTQ minimises layerwise)

@@ -171,7 +171,7 @@ def test_static_params_are_the_searched_ones_and_bad_mode_refused():
 
 def test_config_key():
     from alphaquant.pipeline.calibrate import solver_options
-    from alphaquant.quant_config import GptqConfig
+    from alphaquant.config.quant import GptqConfig
     assert GptqConfig().scale_search == "none"
     assert solver_options(GptqConfig(scale_search="mse"))["scale_search"] == "mse"
 

@@ -86,7 +86,7 @@ def test_low_precision_inputs_accumulate_in_fp32():
 
 def test_linears_share_a_hessian_key_only_when_they_read_the_same_tensor():
     """Keys follow the tensor a pre-hook saw, not the width: o_proj reads a tensor as wide as q_proj's."""
-    from callbacks.hooks import shared_input_keys
+    from alphaquant.callbacks.hooks import shared_input_keys
 
     g = _gen(6)
     normed, attn = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
@@ -103,7 +103,7 @@ def test_linears_share_a_hessian_key_only_when_they_read_the_same_tensor():
 def test_expert_keys_pair_gate_with_up_and_leave_down_alone():
     """Mixtral's w2 has w1's in_features when intermediate == hidden; it still gets its own key."""
     from alphaquant.arch.base import MoEBlockInfo
-    from callbacks.hooks import expert_keys
+    from alphaquant.callbacks.hooks import expert_keys
 
     b = MoEBlockInfo("block_sparse_moe", "block_sparse_moe.gate", "block_sparse_moe.router", 2, 1,
                      {e: f"block_sparse_moe.experts.{e}" for e in range(2)}, proj_names=("w1", "w3", "w2"))
@@ -117,11 +117,11 @@ def test_collector_learns_keys_on_the_first_batch_and_reuses_them_for_later_laye
     """One group holding every linear of a layer (true_sequential false): each linear's Hessian is
     that of its own input (a plain pre-hook on the layer); keys learned on layer 0 serve layer 1;
     a pass without a batch leaves every linear its own zero Hessian."""
-    import models
+    from alphaquant import models
     import tiny
     from alphaquant.arch import get_adapter
     from alphaquant.pipeline.runner import PassPlan
-    from callbacks.hessian import HessianCollector
+    from alphaquant.callbacks.hessian import HessianCollector
 
     model = models.from_config({**tiny.BASE, **tiny.FAMILIES["mixtral"]}, seed=0)
     adapter = get_adapter(model)

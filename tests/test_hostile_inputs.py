@@ -237,11 +237,11 @@ AFTER_LOAD = {nan_logits_in_head, nan_outputs_of_a_layer_in_eval}
 
 
 def _forbid_weight_reads(monkeypatch):
-    import models.loading
+    from alphaquant.models import loading as models_loading
 
     def no_weights(model, prefix, *a, **k):
         raise AssertionError(f"weights under {prefix!r} were read before the bad input was reported")
-    monkeypatch.setattr(models.loading, "_materialize", no_weights)
+    monkeypatch.setattr(models_loading, "_materialize", no_weights)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -278,14 +278,14 @@ def test_accepted_edges(base, tmp_path, monkeypatch, capsys):
 
 def test_yaml_merge_key_may_be_overridden(tmp_path):
     # `<<: *base` then an explicit key is YAML's way to override a merged value, not a duplicate
-    from alphaquant.schema import yaml_load
+    from alphaquant.config.schema import yaml_load
     text = "base: &b {seq_len: 16, num_samples: 4}\ncalibration:\n  <<: *b\n  seq_len: 32\n"
     assert yaml_load(text, "run.yaml")["calibration"] == {"seq_len": 32, "num_samples": 4}
 
 
 def test_memory_estimate_on_gpus_names_the_share():
     """The GPU branch (no GPU here): activations live on the GPUs, each holding its share."""
-    from alphaquant.config import load_config
+    from alphaquant.config.run import load_config
     from alphaquant.data import check_calibration_memory
     from alphaquant.errors import ConfigError
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-import models
+from alphaquant import models
 import tiny
 
 NAMES = {  # family dir -> (model class, config class) as transformers / the hub code name them
@@ -36,8 +36,8 @@ def olmoe_dir(tmp_path_factory):
 
 
 def test_from_pretrained_classmethod(olmoe_dir):
-    from models.mixtral.modeling_mixtral import MixtralForCausalLM
-    from models.olmoe.modeling_olmoe import OlmoeForCausalLM
+    from alphaquant.models.mixtral.modeling_mixtral import MixtralForCausalLM
+    from alphaquant.models.olmoe.modeling_olmoe import OlmoeForCausalLM
 
     m = OlmoeForCausalLM.from_pretrained(olmoe_dir, torch_dtype=torch.bfloat16, device_map=None)
     ref = models.from_pretrained(olmoe_dir, dtype="bf16")

@@ -3,7 +3,7 @@ per-shape plan build cost 1.4 s of the first layer), and match the CPU float32 l
 import pytest
 import torch
 
-import models
+from alphaquant import models
 import tiny
 
 pytestmark = [pytest.mark.gpu,

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-import models
+from alphaquant import models
 
 CONFIG = dict(model_type="deepseek", vocab_size=128, hidden_size=48, intermediate_size=64,
               moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-import models
+from alphaquant import models
 
 TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             initializer_range=0.2, pad_token_id=0)

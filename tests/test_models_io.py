@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models
+from alphaquant import models
 
 QWEN = dict(model_type="qwen2_moe", vocab_size=128, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
             shared_expert_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -173,7 +173,7 @@ def test_adapter_layer_walk_on_lazy_model(tmp_path):
 
 STREAM_RSS = """
 import sys
-import models
+from alphaquant import models
 
 def rss():  # resident bytes now (Linux)
     for line in open("/proc/self/status"):

@@ -2,9 +2,9 @@
 
 import torch
 
-import models
+from alphaquant import models
 from alphaquant import arch
-from models.common.moe import SparseMoeBlock, TopKRouter
+from alphaquant.models.common.moe import SparseMoeBlock, TopKRouter
 
 OLMOE = dict(model_type="olmoe", vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,

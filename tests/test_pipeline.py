@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import models
+from alphaquant import models
 import tiny
-from alphaquant.recipe import build_format
+from alphaquant.config.recipe import build_format
 from pipeline_utils import run_session, write_config
 
 FAMILIES = list(tiny.FAMILIES)
@@ -49,7 +49,7 @@ def test_quantized_weights_on_grid_skipped_unchanged_ppl_bounded(family, checkpo
 
 def test_expert_without_tokens_is_not_zeroed_and_is_reported(checkpoints, tmp_path):
     root, corpus, dirs = checkpoints
-    from alphaquant.config import load_config
+    from alphaquant.config.run import load_config
     from alphaquant.pipeline.session import CalibrationSession
 
     session = CalibrationSession(load_config(write_config(tmp_path / "run.yaml", dirs["olmoe"], corpus)))
@@ -79,7 +79,7 @@ def test_routing_weighted_hessians_follow_the_definition(family, checkpoints):
     the Qwen2-MoE shared expert weighted by sigmoid(shared_expert_gate(x))."""
     from alphaquant.arch import get_adapter
     from alphaquant.pipeline.runner import PassPlan
-    from callbacks.hessian import HessianCollector
+    from alphaquant.callbacks.hessian import HessianCollector
 
     _, _, dirs = checkpoints
     model = models.from_pretrained(dirs[family], dtype="fp32")
@@ -97,7 +97,7 @@ def test_routing_weighted_hessians_follow_the_definition(family, checkpoints):
         plan = PassPlan("collect", "calib", 0, 2, group)
 
     states = {}
-    for mode in ("routed", "uniform", "all_experts"):
+    for mode in ("routed", "routed_sq", "uniform", "all_experts"):
         col = HessianCollector(adapter, mode)
         col.on_predict_start(None, Runner)
         with torch.no_grad():
@@ -112,6 +112,7 @@ def test_routing_weighted_hessians_follow_the_definition(family, checkpoints):
         xe = x[rows]
         key = f"mlp.experts.{e}.gate_proj"
         torch.testing.assert_close(states["routed"][key].H, (xe * c[:, None]).T @ xe)
+        torch.testing.assert_close(states["routed_sq"][key].H, (xe * (c * c)[:, None]).T @ xe)
         torch.testing.assert_close(states["uniform"][key].H, xe.T @ xe)
         torch.testing.assert_close(states["all_experts"][key].H, x.T @ x)
         assert int(states["uniform"][key].n_tokens) == int(rows.sum())
@@ -120,13 +121,14 @@ def test_routing_weighted_hessians_follow_the_definition(family, checkpoints):
     if family == "qwen2_moe":
         s = torch.sigmoid(layer.mlp.shared_expert_gate(x)).reshape(-1)
         torch.testing.assert_close(states["routed"]["mlp.shared_expert.gate_proj"].H, (x * s[:, None]).T @ x)
+        torch.testing.assert_close(states["routed_sq"]["mlp.shared_expert.gate_proj"].H, (x * (s * s)[:, None]).T @ x)
         torch.testing.assert_close(states["uniform"]["mlp.shared_expert.gate_proj"].H, x.T @ x)
 
 
 def test_all_experts_down_proj_sees_every_token(checkpoints):
     from alphaquant.arch import get_adapter
     from alphaquant.pipeline.runner import PassPlan
-    from callbacks.hessian import HessianCollector
+    from alphaquant.callbacks.hessian import HessianCollector
 
     _, _, dirs = checkpoints
     model = models.from_pretrained(dirs["olmoe"], dtype="fp32")
@@ -158,7 +160,7 @@ def test_early_stop_learned_once_and_hessians_unchanged(checkpoints):
     layer, reused by the next layer from its first batch on; the Hessians equal full forwards'."""
     from alphaquant.arch import get_adapter
     from alphaquant.pipeline.runner import PassPlan
-    from callbacks.hessian import HessianCollector
+    from alphaquant.callbacks.hessian import HessianCollector
 
     _, _, dirs = checkpoints
     model = models.from_pretrained(dirs["olmoe"], dtype="fp32")

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from alphaquant.config import load_config
+from alphaquant.config.run import load_config
 from alphaquant.errors import ConfigError
-from alphaquant.quant_config import QuantConfig, QuantOverride, QuantRule
-from alphaquant.recipe import (QuantSpec, build_format, estimate_memory, format_counts, plan_table, render_plan,
+from alphaquant.config.quant import QuantConfig, QuantOverride, QuantRule
+from alphaquant.config.recipe import (QuantSpec, build_format, estimate_memory, format_counts, plan_table, render_plan,
                                resolve_recipe, weight_bytes)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

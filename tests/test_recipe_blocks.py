@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from alphaquant.config import load_config
+from alphaquant.config.run import load_config
 from alphaquant.errors import ConfigError
 from alphaquant.export.compressed import AQ_PACKED, layout_of
-from alphaquant.quant_config import QuantConfig, QuantOverride, QuantRule
-from alphaquant.recipe import resolve_recipe
+from alphaquant.config.quant import QuantConfig, QuantOverride, QuantRule
+from alphaquant.config.recipe import resolve_recipe
 
 MODS = [("model.layers.0.self_attn.q_proj", 256, 256), ("model.layers.0.mlp.experts.0.up_proj", 256, 128),
         ("model.layers.0.mlp.experts.0.down_proj", 128, 256), ("lm_head", 256, 1000)]

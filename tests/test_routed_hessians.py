@@ -4,7 +4,7 @@ import torch
 from alphaquant.gptq import HessianState, accumulate_hessian
 from alphaquant.gptq.hessian import accumulate_segments
 from alphaquant.routing import RoutePlan, expert_token_weights
-from models.common.moe import ExpertRoute, expert_token_weights as moe_rows
+from alphaquant.models.common.moe import ExpertRoute, expert_token_weights as moe_rows
 
 
 def _routing(T=200, E=6, k=2, seed=0):

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-import models
+from alphaquant import models
 import tiny
-from alphaquant.recipe import build_format
-from callbacks.hessian import HessianCollector
+from alphaquant.config.recipe import build_format
+from alphaquant.callbacks.hessian import HessianCollector
 from pipeline_utils import run_session, write_config
 
 FAMILIES = list(tiny.FAMILIES)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
+from alphaquant import models
 
 # Real text shipped in the repo: the demo corpus (CPython standard-library source, PSF licence).
 CORPUS = Path(__file__).resolve().parents[1] / "demo" / "corpus" / "train.txt"

@@ -18,7 +18,7 @@ def check_recipe(cfg) -> None:
     if model_dir is None:
         return
     from alphaquant.arch import load_model
-    from alphaquant.recipe import resolve_recipe
+    from alphaquant.config.recipe import resolve_recipe
 
     model, adapter = load_model(cfg.model, skeleton_only=True)
     resolve_recipe(cfg.quant, adapter.linear_modules(model))
@@ -56,7 +56,7 @@ def preflight(cfg) -> None:
 
 def _hidden_size(model_dir) -> int | None:
     """config.json's hidden_size (a multimodal config nests it in text_config); None when absent."""
-    from models.loading import read_config_dict
+    from alphaquant.models.loading import read_config_dict
 
     d = read_config_dict(model_dir)
     h = d.get("hidden_size", (d.get("text_config") or {}).get("hidden_size"))

@@ -73,7 +73,7 @@ class QuantizeResult:
             raise UserError("a dry run quantizes nothing: there is no quantized model to load")
         if self.output_dir is not None:
             if self.config.output.format == "dequantized":
-                import models
+                from alphaquant import models
                 return models.from_pretrained(self.output_dir, dtype=dtype, device=device)
             from alphaquant.export import load_quantized
             return load_quantized(self.output_dir, dtype=dtype, device=device)
@@ -103,7 +103,7 @@ def quantize(model=None, recipe=None, calibration=None, *, eval=None, gptq=None,
                      eval=False, output={"dir": "outputs/tiny-mixed"})
         r.output_dir, r.modules["model.layers.0.self_attn.q_proj"]["rel_error"]
     """
-    from alphaquant.config import Config
+    from alphaquant.config.run import Config
 
     with tempfile.TemporaryDirectory(prefix="alphaquant-inputs-") as tmp:
         sections = {"eval": eval, "gptq": gptq, "trainer": trainer, "logging": logging, "output": output}
@@ -116,8 +116,8 @@ def quantize(model=None, recipe=None, calibration=None, *, eval=None, gptq=None,
 
 
 def _build_config(model, recipe, calibration, sections, name, seed, config, tokenizer, tmp: Path):
-    from alphaquant.config import Config
-    from alphaquant.schema import build
+    from alphaquant.config.run import Config
+    from alphaquant.config.schema import build
 
     quant, whole = recipe_data(recipe)
     if whole is not None and config is not None:

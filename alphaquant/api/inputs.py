@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from alphaquant.errors import ConfigError
-from alphaquant.recipe_file import QUANT_KEYS, RUN_KEYS, check_recipe_shape, load_recipe_file
+from alphaquant.config.recipe_file import QUANT_KEYS, RUN_KEYS, check_recipe_shape, load_recipe_file
 
 SECTIONS = ("model", "calibration", "eval", "gptq", "trainer", "logging", "output")
 PLAIN = (str, int, float, bool, type(None))
@@ -72,7 +72,7 @@ def merge(base: dict, extra: dict) -> dict:
 # -- recipe ---------------------------------------------------------------------------------------------------
 def recipe_data(recipe) -> tuple[dict | None, dict | None]:
     """(quant section, whole run config) from `recipe`; one of the two is None."""
-    from alphaquant.config import Config, QuantConfig
+    from alphaquant.config.run import Config, QuantConfig
 
     if recipe is None:
         return None, None
@@ -93,7 +93,7 @@ def recipe_data(recipe) -> tuple[dict | None, dict | None]:
 
 def config_data(config) -> tuple[dict, str]:
     """(run config dict, label) from config=: a YAML path, a mapping or a Config."""
-    from alphaquant.config import Config, read_config_file
+    from alphaquant.config.run import Config, read_config_file
 
     if config is None:
         return {}, "alphaquant.quantize's arguments"
@@ -116,7 +116,7 @@ def model_data(model, tokenizer, tmp: Path | None) -> dict | None:
     """The model section from model= (and tokenizer=); a loaded model is saved under `tmp`."""
     import torch.nn as nn
 
-    from alphaquant.config import ModelConfig
+    from alphaquant.config.run import ModelConfig
 
     if model is None:
         data = None
@@ -140,8 +140,8 @@ def model_data(model, tokenizer, tmp: Path | None) -> dict | None:
 def _saved_model(model, tokenizer, tmp: Path) -> dict:
     """A loaded model written to tmp/model in the hub layout, with its tokenizer when one is known."""
     import torch
-    import models
-    from models.common.decoder import MoEForCausalLM
+    from alphaquant import models
+    from alphaquant.models.common.decoder import MoEForCausalLM
 
     out = tmp / "model"
     try:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from models import UnsupportedModelError
+from alphaquant.models import UnsupportedModelError
 
 from .base import ArchAdapter, MoEBlockInfo
 from .deepseek_moe import DeepseekMoeAdapter
@@ -52,7 +52,7 @@ def _local_adapter(model_type: Any) -> type[ArchAdapter] | None:
 
 
 def _is_generic_model(obj: Any) -> bool:
-    from models.hf_backend import HFCausalLM
+    from alphaquant.models.hf_backend import HFCausalLM
     return isinstance(obj, HFCausalLM)
 
 
@@ -103,7 +103,7 @@ def _is_hf_object(obj: Any) -> bool:
 def _generic_skeleton(obj: Any, dtype=None):
     """The generic model built on meta (no weights) from any config form."""
     import torch
-    from models.hf_backend import HFCausalLM, build_meta, hf_config, skeleton
+    from alphaquant.models.hf_backend import HFCausalLM, build_meta, hf_config, skeleton
     if isinstance(obj, (str, os.PathLike)):
         return skeleton(obj, dtype)
     config = getattr(obj, "config", obj) if not isinstance(obj, dict) else obj
@@ -120,27 +120,27 @@ def load_model(model_cfg, skeleton_only: bool = False, headers: bool = False):
     skeleton_only: the model on the meta device from config.json alone (recipe checks, no weight read; a hub
     id fetches its json files only). headers: also check the skeleton against the safetensors headers
     (`models.loading.check_against_headers`: a dry run; a hub id's headers are read without a download)."""
-    import models
-    from models.loading import read_config_dict, resolve_checkpoint_dir
+    from alphaquant import models
+    from alphaquant.models.loading import read_config_dict, resolve_checkpoint_dir
 
     directory = (model_cfg.local_dir or resolve_checkpoint_dir(model_cfg.path, weights=False)) if skeleton_only \
         else resolve_checkpoint_dir(model_cfg.path)
     model_type = read_config_dict(directory).get("model_type")
     if uses_local_code(model_type, model_cfg.implementation):
         if skeleton_only:
-            from models.loading import skeleton
+            from alphaquant.models.loading import skeleton
             model = skeleton(directory, model_cfg.dtype)
             if headers:
-                from models.loading import check_against_headers
+                from alphaquant.models.loading import check_against_headers
                 check_against_headers(model, model_cfg.path, directory)
         else:
             model = models.from_pretrained(directory, dtype=model_cfg.dtype, lazy=model_cfg.lazy)
         return model, get_adapter(model)
-    from models import hf_backend
+    from alphaquant.models import hf_backend
     if skeleton_only:
         model = hf_backend.skeleton(directory, model_cfg.dtype)
         if headers:
-            from models.loading import check_against_headers
+            from alphaquant.models.loading import check_against_headers
             check_against_headers(model, model_cfg.path, directory)
     else:
         model = hf_backend.from_pretrained(directory, dtype=model_cfg.dtype, lazy=model_cfg.lazy)
@@ -149,14 +149,14 @@ def load_model(model_cfg, skeleton_only: bool = False, headers: bool = False):
 
 def model_limits(model_cfg) -> tuple[int | None, int | None]:
     """(vocab_size, max_position_embeddings) from a local model directory's config.json (no weights)."""
-    from models.loading import read_config_dict
+    from alphaquant.models.loading import read_config_dict
 
     d = read_config_dict(model_cfg.local_dir)
     if uses_local_code(d.get("model_type"), model_cfg.implementation):
-        import models
+        from alphaquant import models
         mc = models.config_from_dict(d)
         return mc.vocab_size, getattr(mc, "max_position_embeddings", None)
-    from models.hf_backend import hf_config
+    from alphaquant.models.hf_backend import hf_config
     cfg = hf_config(model_cfg.local_dir)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return getattr(text, "vocab_size", None), getattr(text, "max_position_embeddings", None)

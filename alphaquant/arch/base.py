@@ -37,7 +37,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-import models
+from alphaquant import models
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from models.common.config import UnsupportedModelError
-from models.hf_experts import LinearExperts
+from alphaquant.models.common.config import UnsupportedModelError
+from alphaquant.models.hf_experts import LinearExperts
 
 from .base import ArchAdapter, MoEBlockInfo
 

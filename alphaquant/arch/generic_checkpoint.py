@@ -22,9 +22,9 @@ import torch
 def load_quantized_generic(directory, dtype=None, device=None):
     from alphaquant.export.gpt_oss_mxfp4 import decoded_tensors as native_tensors, is_native
     from alphaquant.export.reader import decoded_tensors
-    from models.common.checkpoint import CheckpointReader
-    from models.hf_backend import HFCausalLM, build_meta
-    from models.loading import resolve_dtype
+    from alphaquant.models.common.checkpoint import CheckpointReader
+    from alphaquant.models.hf_backend import HFCausalLM, build_meta
+    from alphaquant.models.loading import resolve_dtype
     from transformers import AutoConfig
 
     directory = Path(directory)

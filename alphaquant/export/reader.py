@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import CheckpointReader
-from models.loading import resolve_dtype
-from models.registry import MODEL_CLASSES, config_from_dict, model_class_for
+from alphaquant.models import CheckpointReader
+from alphaquant.models.loading import resolve_dtype
+from alphaquant.models.registry import MODEL_CLASSES, config_from_dict, model_class_for
 
-from alphaquant.recipe import QuantSpec, build_format
+from alphaquant.config.recipe import QuantSpec, build_format
 
 from .compressed import decompress, layout_of
 from .qconfig import module_groups

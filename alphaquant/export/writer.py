@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import ShardWriter
+from alphaquant.models import ShardWriter
 
 from .compressed import Layout, can_stack, compress, compress_stack, is_trivial_g_idx, layout_of
 from .qconfig import quantization_config
@@ -121,7 +121,7 @@ class LayerCompressor:
 
     def _format(self, spec):
         if spec not in self._formats:
-            from alphaquant.recipe import build_format
+            from alphaquant.config.recipe import build_format
             self._formats[spec] = build_format(spec)
         return self._formats[spec]
 

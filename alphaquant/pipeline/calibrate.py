@@ -22,9 +22,9 @@ def solver_options(g) -> dict:
 
 
 def build_and_walk(session, writer_factory) -> dict:
-    from callbacks.hessian import HessianCollector
-    from callbacks.perplexity import PerplexityCallback
-    from callbacks.solve import GPTQSolve
+    from alphaquant.callbacks.hessian import HessianCollector
+    from alphaquant.callbacks.perplexity import PerplexityCallback
+    from alphaquant.callbacks.solve import GPTQSolve
 
     cfg, adapter = session.cfg, session.adapter
     t_setup = time.perf_counter()
@@ -38,7 +38,8 @@ def build_and_walk(session, writer_factory) -> dict:
     session.trainer, session.loggers = trainer, loggers
     dm = WindowDataModule(session.windows, {"calib": cfg.calibration.batch_size, "eval": cfg.eval.batch_size})
     opts = WalkOptions(true_sequential=g.true_sequential, evaluate=cfg.eval.enabled,
-                       eval_before=cfg.eval.before, eval_rtn=cfg.eval.rtn)
+                       eval_before=cfg.eval.before, eval_rtn=cfg.eval.rtn,
+                       cache_device="cpu" if cfg.calibration.cache_device == "cpu" else None)
     rank0 = trainer.global_rank == 0
     n_layers = adapter.num_layers(session.model)
     # the saved run and the eval.compare_hessians runs are told apart in logs without a terminal

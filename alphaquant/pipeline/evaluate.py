@@ -31,7 +31,7 @@ SPEC_FIELDS = ("wq", "group_size", "sym", "aq", "skip")
 def read_recipe_specs(directory: Path) -> dict | None:
     """{module: QuantSpec} from the checkpoint's alphaquant_recipe.json (None when it has none); a file
     that is truncated or not the recipe calibration wrote is a UserError naming it."""
-    from alphaquant.recipe import QuantSpec
+    from alphaquant.config.recipe import QuantSpec
 
     recipe = directory / "alphaquant_recipe.json"
     if not recipe.is_file():
@@ -60,7 +60,7 @@ def check_tensor_names(directory: Path, meta_model) -> None:
     """UserError when the checkpoint holds tensors of modules its config.json does not build
     (e.g. a layer more than num_hidden_layers), or a stored full-precision tensor whose shape is not
     the one config.json gives; headers only. Dequantized weights are checked after the load."""
-    from models import CheckpointReader
+    from alphaquant.models import CheckpointReader
 
     modules = dict(meta_model.named_modules())
     params = dict(meta_model.named_parameters(remove_duplicate=False))
@@ -146,8 +146,8 @@ def evaluate_checkpoint(cfg, directory) -> int:
     from alphaquant.data import check_tokenizer_dir, check_vocab, eval_windows, load_tokens
     from alphaquant.export import load_quantized
     from alphaquant.pipeline.session import _load_tokenizer
-    from models import UnsupportedModelError
-    from models.loading import skeleton
+    from alphaquant.models import UnsupportedModelError
+    from alphaquant.models.loading import skeleton
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():

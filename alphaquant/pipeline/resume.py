@@ -255,7 +255,7 @@ class ResumeState:
     # -- reading ---------------------------------------------------------------------------
     def load_layer(self, i: int, specs: dict, dtype: torch.dtype):
         """(weights {full name: tensor in dtype}, records {full name: ModuleRecord}) of layer i."""
-        from callbacks.solve import ModuleRecord
+        from alphaquant.callbacks.solve import ModuleRecord
         from alphaquant.export import decompress_modules
         from alphaquant.formats.base import QParams
 

@@ -18,7 +18,7 @@ import torch
 from alphaquant.errors import UserError
 from alphaquant.export.atomic import AtomicDir, recover_interrupted_swap
 from alphaquant.export.output_dir import check_output_dir, run_inputs
-from alphaquant.recipe import check_formats, estimate_memory, format_counts, plan_table, render_plan, resolve_recipe
+from alphaquant.config.recipe import check_formats, estimate_memory, format_counts, plan_table, render_plan, resolve_recipe
 
 OUTSIDE_LAYERS = "kept: AlphaQuant calibrates the linears of decoder layers (not routers, gates, lm_head)"
 

@@ -218,7 +218,7 @@ class FiniteEvaluation(L.Callback):
         if plan.phase == "head":
             import math
 
-            from callbacks.perplexity import PerplexityCallback
+            from alphaquant.callbacks.perplexity import PerplexityCallback
             for cb in trainer.callbacks:
                 ppl = cb.results.get(plan.stream) if isinstance(cb, PerplexityCallback) else None
                 if ppl is not None and not math.isfinite(ppl):

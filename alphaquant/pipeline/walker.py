@@ -28,7 +28,7 @@ from alphaquant.pipeline.activations import activation_hooks
 from alphaquant.pipeline.layer_sink import LayerSink
 from alphaquant.pipeline.prefetch import LayerPrefetcher
 from alphaquant.pipeline.runner import LayerRunner, PassPlan
-from alphaquant.recipe import build_format
+from alphaquant.config.recipe import build_format
 from alphaquant.pipeline.stores import SampleStore
 
 
@@ -38,7 +38,8 @@ class WalkOptions:
     evaluate: bool = True           # perplexity of the quantized model
     eval_before: bool = True        # ... and of the original model
     eval_rtn: bool = False          # ... and of round-to-nearest with the same recipe
-    cache_device: str | None = None  # where layer inputs are kept (None: the accelerator)
+    cache_device: str | None = None  # where layer inputs are kept (None: the accelerator; "cpu": pinned host
+                                     # memory, one batch at a time on the accelerator: calibration.cache_device)
 
 
 @dataclass

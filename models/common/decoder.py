@@ -90,7 +90,7 @@ class MoEForCausalLM(nn.Module):
         class, the checkpoint must be of that family; MoEForCausalLM.from_pretrained takes any of the four.
         A quantized checkpoint is refused with the reader to use (alphaquant.export.load_quantized).
         """
-        from models.loading import from_pretrained
+        from alphaquant.models.loading import from_pretrained
 
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError("give torch_dtype or dtype, not both")

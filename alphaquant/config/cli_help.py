@@ -1,4 +1,4 @@
-"""The command line's help and flag checks, generated from the typed config (alphaquant/config.py).
+"""The command line's help and flag checks, generated from the typed config (alphaquant/config/run.py).
 
 Every config key is a flag (`--calibration.num_samples 16`); its type and default come from the
 dataclass field, its meaning from the comment on (or just above) the field in the source, so the
@@ -101,7 +101,7 @@ def _default(f: dataclasses.Field):
 
 def config_keys(cls=None, prefix: str = "") -> list[KeyDoc]:
     """Every leaf key of the run config, in declaration order, with type, default and meaning."""
-    from alphaquant.config import Config
+    from alphaquant.config.run import Config
 
     cls = Config if cls is None else cls
     hints = typing.get_type_hints(cls)
@@ -151,8 +151,8 @@ def _known_flags() -> list[str]:
 
 def check_flags(argv: list[str]) -> None:
     """ConfigError for the first --flag that is neither a CLI flag nor a config key, naming the closest one."""
-    from alphaquant.config import Config
-    from alphaquant.schema import check_key_path
+    from alphaquant.config.run import Config
+    from alphaquant.config.schema import check_key_path
 
     for tok in argv:
         if not tok.startswith("--") or tok == "--":

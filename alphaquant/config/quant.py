@@ -9,7 +9,7 @@
     gptq: {block_size: 128, damp: 0.01, act_order: false}
 
 `wq: NAME/G` is shorthand for `wq: NAME, group_size: G`. `group_size: -1` means one scale per
-output row (per channel). Patterns are `fnmatch` globs on full module names; `alphaquant.recipe`
+output row (per channel). Patterns are `fnmatch` globs on full module names; `alphaquant.config.recipe`
 resolves them against the model's modules.
 
 Block sizes: a rule that names a format with a block size fixed by its spec and no group size
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alphaquant.errors import ConfigError
-from alphaquant.schema import closest
+from alphaquant.config.schema import closest
 
 # TODO(lead): alphaquant.formats exports FORMAT_NAMES; this copy is used only until it does.
 _WQ_FALLBACK = ("int2", "int3", "int4", "int5", "int6", "int7", "int8",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from alphaquant.errors import ConfigError
-from alphaquant.quant_config import (INT_DEFAULT_GROUP, RULE_FIELDS, STANDARD_BLOCK, QuantConfig, QuantOverride,
+from alphaquant.config.quant import (INT_DEFAULT_GROUP, RULE_FIELDS, STANDARD_BLOCK, QuantConfig, QuantOverride,
                                      QuantRule, check_group_size, split_wq)
 
 IDENTITY_FORMATS = ("bf16", "fp16")        # weights kept as they are: no groups, no GPTQ

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 from alphaquant.errors import ConfigError
-from alphaquant.recipe_file import load_recipe_file
-from alphaquant.quant_config import AQ_NAMES, GptqConfig, QuantConfig, QuantOverride, QuantRule, weight_format_names
-from alphaquant.schema import build, check_key_path, yaml_load
+from alphaquant.config.recipe_file import load_recipe_file
+from alphaquant.config.quant import AQ_NAMES, GptqConfig, QuantConfig, QuantOverride, QuantRule, weight_format_names
+from alphaquant.config.schema import build, check_key_path, yaml_load
 
 __all__ = ["AQ_NAMES", "CalibrationConfig", "Config", "EvalConfig", "GptqConfig", "LoggingConfig",
            "ModelConfig", "OutputConfig", "QuantConfig", "QuantOverride", "QuantRule", "TrainerConfig",
@@ -88,10 +88,16 @@ class CalibrationConfig:
     seq_len: int = 2048            # tokens per window
     seed: int = 0                  # seeds the window offsets (torch.Generator)
     batch_size: int = 1            # windows per forward pass
-    # routed: a token's input to an expert is weighted by its gate score (MoEQuant AGQ);
+    # routed: a token's input to an expert is weighted by its gate score (MoEQuant AGQ); routed_sq: by its square
+    # (the score multiplies the expert's output, so the output error scales with it squared);
     # uniform: every token routed to the expert counts 1; all_experts: every token through every expert
-    hessian: Literal["routed", "uniform", "all_experts"] = "routed"
+    hessian: Literal["routed", "routed_sq", "uniform", "all_experts"] = "routed"
     min_tokens_warn: int = 256     # experts that saw fewer calibration tokens are listed in the log
+    # where the cached layer inputs/outputs of every sample live between layers (num_samples x seq_len x hidden
+    # per stream: 1 GiB for 128 x 2048 OLMoE windows, 2 GiB at Mixtral width): auto | gpu = on the accelerator
+    # (fastest); cpu = in pinned host memory, one batch at a time copied to the accelerator and its outputs
+    # back (less accelerator memory, a host<->device copy per batch and pass; identical results)
+    cache_device: Literal["auto", "gpu", "cpu"] = "auto"
 
     def check(self, path: str) -> None:
         _positive(path, num_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size)
@@ -111,7 +117,7 @@ class EvalConfig:
     rtn: bool = False              # also round-to-nearest with the same recipe (a baseline for GPTQ)
     # also run GPTQ with these other calibration.hessian modes (not saved) and report their perplexity,
     # e.g. [uniform] to measure what routing-weighted Hessians buy
-    compare_hessians: list[Literal["routed", "uniform", "all_experts"]] = field(default_factory=list)
+    compare_hessians: list[Literal["routed", "routed_sq", "uniform", "all_experts"]] = field(default_factory=list)
     dataset: str = "wikitext2"     # same kinds of source as calibration.dataset
     split: str = "test"            # as calibration.split (test = the last 10% of a local file)
     text_field: str = "text"       # the field holding the text in a .jsonl file

@@ -50,7 +50,7 @@ def load_recipe_file(path: str | os.PathLike, key: str = "--recipe") -> dict:
     if p.suffix == ".json":
         data = _json(text, label)
     elif p.suffix in (".yaml", ".yml"):
-        from alphaquant.schema import yaml_load
+        from alphaquant.config.schema import yaml_load
         data = yaml_load(text, label)
     else:
         raise ConfigError(f"{key}: '{path}' is not a recipe file; a recipe is a .json, .yaml or .yml file")
