@@ -3,6 +3,10 @@
     PYTHONPATH=. python bench/e2e.py --out bench/results/e2e.json            # OLMoE-1B-7B, all 16 layers
     PYTHONPATH=. python bench/e2e.py --llmc-layers 4 ...                     # llm-compressor on a 4-layer cut
     PYTHONPATH=. python bench/e2e.py --quick --device cpu --no-llmc          # smoke run, tiny shapes, < 1 min
+    # llm-compressor from a venv of its own (it pins transformers <= 5.17); the error stage maps its
+    # linearised expert names onto ours (LLMC_RENAMES): the quick smoke run of that, a few minutes on a CPU
+    E2E_PYTHONPATH_LLMC=/work/venv-llmc/lib/python3.11/site-packages PYTHONPATH=. \
+        python bench/e2e.py --family mixtral --quick --device cpu --llmc-layers 1
 
 Stages, each in its own process so that peak host memory (ru_maxrss) and peak GPU memory are
 the stage's own:
@@ -98,7 +102,32 @@ QUICK = {"olmoe": dict(vocab_size=512, hidden_size=128, intermediate_size=128, n
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                            num_experts=8, num_experts_per_tok=2, bos_token_id=None, eos_token_id=2)}
 ROUTER_IGNORE = {"olmoe": ["re:.*mlp\\.gate$"], "qwen2_moe": ["re:.*mlp\\.gate$", "re:.*shared_expert_gate$"],
-                 "mixtral": ["re:.*block_sparse_moe\\.gate$"], "qwen3_moe": ["re:.*mlp\\.gate$"]}
+                 # transformers 5 names Mixtral's sparse block `mlp` (hub checkpoints: block_sparse_moe)
+                 "mixtral": ["re:.*block_sparse_moe\\.gate$", "re:.*mlp\\.gate$"], "qwen3_moe": ["re:.*mlp\\.gate$"]}
+# llm-compressor's module names (relative to a decoder layer) -> ours, per family. llm-compressor 0.14 loads
+# through transformers 5, which fuses each block's experts (MixtralExperts, OlmoeExperts, ... [E, 2I, H] and
+# [E, H, I]), and its load_quantizable_moe linearises them again into LinearExperts2D: per expert
+# `mlp.experts.N.{gate_proj,up_proj,down_proj}` (llmcompressor/modeling/moe/linear_experts.py,
+# ExpertMLPWithGate: gate = the first I rows of gate_up_proj, up = the rest). That is the hub layout of
+# OLMoE, Qwen1.5-MoE, Qwen3-MoE and DeepSeek-MoE (the names our models use too); Mixtral's hub checkpoint
+# and our model have `block_sparse_moe.experts.N.{w1,w3,w2}` (w1 gate, w3 up, w2 down), which transformers'
+# conversion mapping for mixtral turns into mlp.experts.gate_up_proj = cat(w1, w3) and down_proj = w2.
+LLMC_RENAMES = {
+    "mixtral": [(r"^mlp\.experts\.(\d+)\.gate_proj\b", r"block_sparse_moe.experts.\1.w1"),
+                (r"^mlp\.experts\.(\d+)\.up_proj\b", r"block_sparse_moe.experts.\1.w3"),
+                (r"^mlp\.experts\.(\d+)\.down_proj\b", r"block_sparse_moe.experts.\1.w2"),
+                (r"^mlp\.gate\b", "block_sparse_moe.gate")],
+}
+
+
+def llmc_to_ours(family: str, name: str) -> str:
+    """Our name of llm-compressor's module or parameter `name` (relative to the decoder layer)."""
+    import re
+    for pattern, repl in LLMC_RENAMES.get(family, ()):
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +175,7 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
 def hub_parameters(cfg: dict):
     """(checkpoint key, shape) of every tensor of the family's hub checkpoint, from a meta model."""
     if cfg["model_type"] not in GENERIC:
-        from models.registry import config_from_dict, model_class_for
+        from alphaquant.models.registry import config_from_dict, model_class_for
         with torch.device("meta"):
             meta = model_class_for(cfg["model_type"])(config_from_dict(cfg))
         yield from ((k, p.shape) for k, p in meta.named_parameters())
@@ -172,7 +201,7 @@ def hub_parameters(cfg: dict):
 
 @torch.no_grad()
 def stage_build(args, work: Path) -> dict:
-    import models
+    from alphaquant import models
     from alphaquant.data import calibration_windows
 
     t0 = time.perf_counter()
@@ -212,7 +241,8 @@ def our_config(args, work: Path) -> dict:
         "name": "e2e",
         "model": {"path": str(work / "model"), "dtype": "bfloat16", "lazy": True},
         "calibration": {"dataset": str(work / "tokens.pt"), "split": "all", "num_samples": args.samples,
-                        "seq_len": args.seq_len, "seed": 0, "batch_size": args.batch_size, "hessian": args.hessian},
+                        "seq_len": args.seq_len, "seed": 0, "batch_size": args.batch_size, "hessian": args.hessian,
+                        "cache_device": args.cache_device},
         "eval": {"enabled": False},
         "quant": {"default": {"wq": "int4", "group_size": 128, "sym": True},
                   "overrides": [{"pattern": p, "skip": True} for p in our_skips(args.family)] + (
@@ -247,12 +277,12 @@ def our_skips(family):
 def stage_ours(args, work: Path) -> dict:
     import yaml
 
-    from alphaquant.config import load_config
+    from alphaquant.config.run import load_config
     from alphaquant.pipeline.session import CalibrationSession
     # Imported before the clock starts, as llm-compressor's stage imports transformers and
     # llmcompressor before its clock: both tools are timed from model load, not interpreter start-up.
     import alphaquant.pipeline.calibrate  # noqa: F401  (lightning, torchmetrics, torch._dynamo)
-    import callbacks.hessian, callbacks.perplexity, callbacks.solve  # noqa: F401,E401
+    import alphaquant.callbacks.hessian, alphaquant.callbacks.perplexity, alphaquant.callbacks.solve  # noqa: F401,E401
 
     if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
@@ -331,11 +361,35 @@ def stage_ours(args, work: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # llm-compressor
 def llmc_available() -> bool:
+    """llmcompressor importable in the llmc stage's process (E2E_PYTHONPATH_LLMC counts, e.g. the
+    site-packages of a venv with llm-compressor and the transformers it pins)."""
     try:
         import llmcompressor  # noqa: F401
         return True
     except Exception:     # noqa: BLE001 - missing, or missing one of its own needs
+        pass
+    if not os.environ.get("E2E_PYTHONPATH_LLMC"):
         return False
+    probe = subprocess.run([sys.executable, "-c", "import llmcompressor"], env=stage_env("llmc"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return probe.returncode == 0
+
+
+def _drop_unimportable_transformers_aliases() -> None:
+    """transformers 5.17's apply_patches (which load_quantizable_moe's linearised load enters) calls dir()
+    on every transformers module in sys.modules, and dir() of a legacy image-processor alias module imports
+    its target, which imports torchvision: without torchvision (a CPU box) the load fails with
+    ModuleNotFoundError. Aliases whose target cannot be imported are dropped (nothing here uses them)."""
+    import importlib.util
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    for name, mod in list(sys.modules.items()):
+        if (name.startswith("transformers") and mod is not None and getattr(mod, "__file__", "") is None
+                and (getattr(mod, "__doc__", None) or "").startswith("Alias module")):
+            try:
+                dir(mod)
+            except ImportError:
+                del sys.modules[name]
 
 
 def stage_llmc(args, work: Path) -> dict:
@@ -352,6 +406,7 @@ def stage_llmc(args, work: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(work / "model")
+    _drop_unimportable_transformers_aliases()
     with load_quantizable_moe():
         model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16)
     t1 = time.perf_counter()
@@ -396,7 +451,7 @@ def llmc_weights(model) -> dict:
 @torch.no_grad()
 def layer_errors(args, work: Path, others: dict) -> dict:
     """others: tool -> callable(layer index) -> {name relative to the layer: weight} or None."""
-    import models
+    from alphaquant import models
 
     device = torch.device(args.device)
     fp = models.from_pretrained(work / "model", dtype="bfloat16", lazy=True)
@@ -439,6 +494,10 @@ def layer_errors(args, work: Path, others: dict) -> dict:
 
 def _load_weights(layer, weights: dict, device):
     params = dict(layer.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise KeyError(f"{len(unknown)} weight(s) with no parameter of that name in our layer, e.g. {unknown[:3]} "
+                       f"(ours: e.g. {sorted(params)[:3]}); see LLMC_RENAMES in bench/e2e.py")
     for n, w in weights.items():
         params[n].data.copy_(w.to(device))
 
@@ -455,10 +514,11 @@ def ours_weights_fn(work: Path):
     return get
 
 
-def llmc_weights_fn(weights: dict):
+def llmc_weights_fn(weights: dict, family: str):
+    """Layer i's llm-compressor weights under our parameter names (relative to the layer)."""
     def get(i):
         p = f"model.layers.{i}."
-        return {k[len(p):] + ".weight": v for k, v in weights.items() if k.startswith(p)}
+        return {llmc_to_ours(family, k[len(p):]) + ".weight": v for k, v in weights.items() if k.startswith(p)}
     return get
 
 
@@ -466,7 +526,7 @@ def stage_errors(args, work: Path, llmc_w=None) -> dict:
     t0 = time.perf_counter()
     others = {"ours": ours_weights_fn(work)}
     if llmc_w is not None:
-        others["llmc"] = llmc_weights_fn(llmc_w)
+        others["llmc"] = llmc_weights_fn(llmc_w, args.family)
     res = layer_errors(args, work, others)
     res["seconds"] = time.perf_counter() - t0
     return res
@@ -552,17 +612,20 @@ def run_stage(args, stage: str, work: Path, extra: list[str] = (), launcher: lis
     print(f"[e2e] {stage}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
     # E2E_PYTHONPATH_<STAGE>: extra import paths for one stage, e.g. a newer transformers for ours than the
     # one llm-compressor pins (llmcompressor 0.14: transformers <= 5.17)
-    extra_path = os.environ.get(f"E2E_PYTHONPATH_{stage.upper()}")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), extra_path, os.environ.get("PYTHONPATH")])))
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=stage_env(stage))
     return json.loads(out.read_text())
+
+
+def stage_env(stage: str) -> dict:
+    extra_path = os.environ.get(f"E2E_PYTHONPATH_{stage.upper()}")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), extra_path, os.environ.get("PYTHONPATH")])))
 
 
 def stage_argv(args) -> list[str]:
     argv = ["--family", args.family, "--device", args.device, "--devices", str(args.devices), "--samples", str(args.samples),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--hessian", args.hessian,
             "--act-order", str(args.act_order), "--seed", str(args.seed), "--sweep", args.sweep,
-            "--switch-interval", str(args.switch_interval)]
+            "--switch-interval", str(args.switch_interval), "--cache-device", args.cache_device]
     if args.no_save:
         argv.append("--no-save")
     if args.quick:
@@ -585,13 +648,16 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8, help="our calibration.batch_size (windows per forward)")
-    p.add_argument("--hessian", default="routed", choices=["routed", "uniform", "all_experts"])
+    p.add_argument("--hessian", default="routed", choices=["routed", "routed_sq", "uniform", "all_experts"])
     p.add_argument("--act-order", type=int, default=1,
                    help="our gptq.act_order (1: static-group act order, what llm-compressor's W4A16 does by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep", default="auto", choices=["auto", "torch"],
                    help="our gptq.sweep (auto: the fused Triton sweep on a GPU; torch: torch ops, as before)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-device", default="auto", choices=["auto", "gpu", "cpu"],
+                   help="our calibration.cache_device (cpu: the cached layer inputs/outputs in pinned host memory, "
+                        "one batch at a time on the GPU: less GPU memory, a copy per batch and pass)")
     p.add_argument("--no-save", action="store_true", help="our run writes no checkpoint and no resume state (diagnostics)")
     p.add_argument("--switch-interval", type=float, default=0.0,
                    help="sys.setswitchinterval in our run (0: Python's default); diagnostics of thread contention")
