@@ -226,6 +226,9 @@ def test_other_recipe_keeps_compressed_tensors_and_warns(work, capsys):
     plan = run_config(load_config(plan_cfg, []), dry_run=True)
     lines = plan_warnings("gpt_oss", plan.specs)
     assert len(lines) == 1 and lines[0].startswith(GPT_OSS_PER_EXPERT) and "self_attn.q_proj" in lines[0], lines
+    capsys.readouterr()
+    assert main(["--config", str(plan_cfg), "--dry-run"]) == 0           # the plan the user sees says it too
+    assert f"warning: {lines[0]}" in capsys.readouterr().out
     s, _ = run(work, "native", NATIVE)
     assert plan_warnings("gpt_oss", s.specs) == []
 

@@ -69,6 +69,9 @@ class CalibrationSession:
         print(f"linear weights: {mem['original_bytes'] / 2**20:.1f} MiB -> {mem['quantized_bytes'] / 2**20:.1f} MiB "
               f"({mem['ratio']:.2f}x the size)")
         print(render_memory(self.cfg, plan_memory(self.cfg, self.model, self.adapter, self.specs)))
+        from alphaquant.export.compat import plan_warnings
+        for line in plan_warnings(getattr(self.model.config, "model_type", None), self.specs, self.cfg.output.format):
+            print(f"warning: {line}")
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> None:
