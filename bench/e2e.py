@@ -250,7 +250,7 @@ def our_config(args, work: Path) -> dict:
                       [{"pattern": "model.layers.0.mlp.down_proj", "wq": "int4/64"}]
                       if args.family == "deepseek" and not args.quick else [])},
         "gptq": {"block_size": 128, "damp": 0.01, "act_order": bool(args.act_order), "static_groups": True,
-                 "true_sequential": True, "sweep": args.sweep},
+                 "true_sequential": True, "sweep": args.sweep, "scale_search": args.scale_search},
         "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": args.devices,
                     "strategy": "ddp" if args.devices > 1 else "auto"},
         "logging": {"wandb": {"mode": "disabled"}, "csv": {"enabled": False}},
@@ -625,6 +625,7 @@ def stage_argv(args) -> list[str]:
     argv = ["--family", args.family, "--device", args.device, "--devices", str(args.devices), "--samples", str(args.samples),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--hessian", args.hessian,
             "--act-order", str(args.act_order), "--seed", str(args.seed), "--sweep", args.sweep,
+            "--scale-search", args.scale_search,
             "--switch-interval", str(args.switch_interval), "--cache-device", args.cache_device]
     if args.no_save:
         argv.append("--no-save")
@@ -648,7 +649,10 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8, help="our calibration.batch_size (windows per forward)")
-    p.add_argument("--hessian", default="routed", choices=["routed", "routed_sq", "uniform", "all_experts"])
+    p.add_argument("--hessian", default="routed_sq", choices=["routed", "routed_sq", "uniform", "all_experts"],
+                   help="our calibration.hessian (default: the shipped default)")
+    p.add_argument("--scale-search", default="mse", choices=["none", "mse", "mse_hdiag"],
+                   help="our gptq.scale_search (default: the shipped default; none = group extremes, as llm-compressor)")
     p.add_argument("--act-order", type=int, default=1,
                    help="our gptq.act_order (1: static-group act order, what llm-compressor's W4A16 does by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -119,8 +119,8 @@ def test_loaded_model_and_token_tensor_match_the_cli_on_a_token_file(olmoe, caps
     assert main(["--config", str(path), "--eval.enabled", "true", "--eval.compare_hessians", "[uniform]"]) == 0
     log = capsys.readouterr().out
     assert "[compare: uniform Hessians, not saved] layer 2/2 done in" in log
-    assert "[quantize: routed Hessians] layer 1/2 done in" in log and "mean rel. error" in log and "ETA" in log
-    assert "[quantize: routed Hessians] perplexity quantized:" in log
+    assert "[quantize: routed_sq Hessians] layer 1/2 done in" in log and "mean rel. error" in log and "ETA" in log
+    assert "[quantize: routed_sq Hessians] perplexity quantized:" in log
     cli = root / "out_t_cli"
     out.rename(cli)
     cfg = yaml.safe_load(path.read_text())

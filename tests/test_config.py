@@ -36,8 +36,9 @@ def test_defaults_and_derived_names(tmp_path):
     assert cfg.name == "OLMoE-1B-7B-0924"
     assert cfg.output.dir == str(Path("outputs") / "OLMoE-1B-7B-0924")
     assert (cfg.calibration.num_samples, cfg.calibration.seq_len, cfg.calibration.seed) == (128, 2048, 0)
-    assert cfg.calibration.hessian == "routed"
-    assert (cfg.gptq.block_size, cfg.gptq.damp, cfg.gptq.act_order, cfg.gptq.sweep) == (128, 0.01, False, "auto")
+    assert cfg.calibration.hessian == "routed_sq"
+    assert (cfg.gptq.block_size, cfg.gptq.damp, cfg.gptq.act_order, cfg.gptq.sweep) == (128, 0.01, True, "auto")
+    assert cfg.gptq.scale_search == "mse"
     assert (cfg.quant.default.wq, cfg.quant.default.group_size, cfg.quant.default.aq) == ("int4", 128, "bf16")
     assert cfg.eval.max_windows is None and cfg.trainer.devices == "auto"
 

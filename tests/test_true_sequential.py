@@ -49,7 +49,8 @@ def _spy_hessians(monkeypatch) -> dict:
 
 @torch.no_grad()
 def _reference_hessians(layer: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """Σ c_t x_t x_tᵀ (float64) of every linear of the fp `layer` over `batches` of (hidden, kwargs)."""
+    """Σ c_t² x_t x_tᵀ (float64) of every linear of the fp `layer` over `batches` of (hidden, kwargs): the
+    default calibration.hessian routed_sq, c = the routing weight (or Qwen2-MoE's shared-expert gate)."""
     xs, routes, gates, handles = {}, {}, {}, []
     for name, m in layer.named_modules():
         if isinstance(m, nn.Linear):
@@ -76,7 +77,7 @@ def _reference_hessians(layer: nn.Module, batches) -> dict[str, torch.Tensor]:
             c = torch.cat(gates[name.split(".shared_expert.")[0]])
         else:
             c = torch.ones(x.shape[0])
-        H[name] = (x * c.double()[:, None]).T @ x
+        H[name] = (x * c.double().square()[:, None]).T @ x
     return H
 
 

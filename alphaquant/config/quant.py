@@ -6,7 +6,7 @@
         - {pattern: "*.mlp.experts.*", wq: mxfp4/32}   # field by field (it sets only what it names)
         - {pattern: "*.mlp.experts.*.down_proj", group_size: 64}
         - {pattern: "*.mlp.gate", skip: true}
-    gptq: {block_size: 128, damp: 0.01, act_order: false}
+    gptq: {block_size: 128, damp: 0.01, act_order: true, scale_search: mse}
 
 `wq: NAME/G` is shorthand for `wq: NAME, group_size: G`. `group_size: -1` means one scale per
 output row (per channel). Patterns are `fnmatch` globs on full module names; `alphaquant.config.recipe`
@@ -154,13 +154,15 @@ class QuantConfig:
 class GptqConfig:
     block_size: int = 128          # columns per lazy-batch block
     damp: float = 0.01             # H += damp * mean(diag H) * I
-    act_order: bool = False        # columns in descending diag(H) order
+    # act_order + scale_search mse are the defaults because bench/quality.py measured them best on average
+    # (README "Quality"): with static groups act_order costs nothing at inference
+    act_order: bool = True         # columns in descending diag(H) order
     static_groups: bool = True     # with act_order: group scales fixed from the original W
     true_sequential: bool = True   # q/k/v, then o, then gate/up, then down, each on quantized inputs
     sweep: Literal["auto", "torch"] = "auto"   # column sweep: auto = fused Triton kernel where it applies
     # group params: none = from each group's extremes; mse = range shrunk to the least rounding error
     # (gptq/scale_search.py); mse_hdiag = that error weighted per column by diag(H)
-    scale_search: Literal["none", "mse", "mse_hdiag"] = "none"
+    scale_search: Literal["none", "mse", "mse_hdiag"] = "mse"
 
     def check(self, path: str) -> None:
         if self.block_size <= 0:
