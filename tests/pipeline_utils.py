@@ -38,3 +38,15 @@ def run_session(config_path: Path, overrides=()):
     session.prepare()
     session.run()
     return session
+
+
+def assert_reads_back_exactly(model, loaded, vocab: int = 320) -> None:
+    """`loaded` (a checkpoint read back) holds exactly `model`'s parameters and gives its logits bit for bit."""
+    import torch
+    ours, back = dict(model.named_parameters()), dict(loaded.named_parameters())
+    assert set(ours) == set(back)
+    for k in ours:
+        assert torch.equal(ours[k], back[k]), k
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))

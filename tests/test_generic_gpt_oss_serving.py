@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 import tiny
-from pipeline_utils import run_session, write_config
+from pipeline_utils import assert_reads_back_exactly, run_session, write_config
 from test_generic_models import make_hf_checkpoint
 
 NATIVE = {"default": {"wq": "bf16"}, "overrides": [{"pattern": "*.mlp.experts.*", "wq": "mxfp4/32"}]}
@@ -159,13 +159,7 @@ def test_load_quantized_reads_native_exactly(work):
     from alphaquant.export import load_quantized
     s, out = run(work, "native", NATIVE)
     q = load_quantized(out, dtype="fp32")
-    ours, back = dict(s.model.named_parameters()), dict(q.named_parameters())
-    assert set(ours) == set(back)
-    for k in ours:
-        assert torch.equal(ours[k], back[k]), k
-    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert torch.equal(s.model(ids), q(ids))
+    assert_reads_back_exactly(s.model, q)
 
 
 def test_native_bf16(work):

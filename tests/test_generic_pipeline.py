@@ -12,7 +12,7 @@ import torch
 
 import tiny
 from alphaquant.config.recipe import build_format
-from pipeline_utils import run_session, write_config
+from pipeline_utils import assert_reads_back_exactly, run_session, write_config
 from test_generic_models import hf_reference, make_hf_checkpoint
 
 E2E = ["qwen3_moe", "deepseek_v3", "llama", "gpt_oss"]
@@ -235,13 +235,7 @@ def test_load_quantized_generic_exact(model_type, work):
     from alphaquant.arch.generic_checkpoint import load_quantized_generic
     s, _, out = run(work, model_type)
     q = load_quantized_generic(out, dtype="fp32")
-    ours, back = dict(s.model.named_parameters()), dict(q.named_parameters())
-    assert set(ours) == set(back)
-    for k in ours:
-        assert torch.equal(ours[k], back[k]), k
-    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert torch.equal(s.model(ids), q(ids))
+    assert_reads_back_exactly(s.model, q)
 
 
 def test_eval_only_reads_a_generic_checkpoint(work, capsys):
