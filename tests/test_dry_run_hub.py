@@ -186,3 +186,8 @@ def test_estimate_terms_are_the_counts(tiny_model):
     assert bigger["activations"] == 4 * est["activations"]
     cpu = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b, gpu=False)
     assert cpu["gpu_total"] == 0 and cpu["host_total"] > est["host_total"]
+    # calibration.cache_device cpu: the cached inputs move from the GPU to pinned host memory, nothing else
+    pinned = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b, cache_on_host=True)
+    assert "cached inputs" not in pinned["gpu"] and pinned["host"]["cached inputs (pinned)"] == n * t * 64 * 2
+    assert pinned["gpu_total"] == est["gpu_total"] - n * t * 64 * 2
+    assert pinned["host_total"] == est["host_total"] + n * t * 64 * 2

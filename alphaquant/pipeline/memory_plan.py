@@ -71,12 +71,14 @@ class ModelShape:
 
 def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, batch_size: int,
                          eval_windows: int | None = 0, eval_seq_len: int = 0, eval_batch_size: int = 1,
-                         eval_streams: int = 0, rtn: bool = False, gpu: bool = True, devices: int = 1) -> dict:
+                         eval_streams: int = 0, rtn: bool = False, gpu: bool = True, devices: int = 1,
+                         cache_on_host: bool = False) -> dict:
     """{"gpu": {term: bytes}, "host": {term: bytes}, "gpu_total", "host_total", "per_eval_window"}.
 
     Each layer term is the largest over the model's layers. eval_windows None: unknown (the per-window cost
     of the evaluation streams' cached inputs is returned as "per_eval_window"); gpu False: a CPU run, where
-    the accelerator terms are host memory. devices: processes (DDP ranks), each caching its share of inputs."""
+    the accelerator terms are host memory. devices: processes (DDP ranks), each caching its share of inputs.
+    cache_on_host: calibration.cache_device cpu, the cached inputs live in pinned host memory instead."""
     b, h = shape.dtype_bytes, shape.hidden_size
     devices = max(int(devices), 1)
     layers = shape.layers or [LayerShape(0, 0, 0, 0)]
@@ -95,6 +97,8 @@ def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, b
               "activations or solve": max(activations, solve)}
     ids = num_samples * seq_len * TOKEN_WINDOW_BYTES * devices + (eval_windows or 0) * eval_seq_len * 8 * devices
     host = {"outside layers": shape.outside_bytes, "layer staging": 2 * weights, "token ids": ids}
+    if cache_on_host and gpu:
+        host["cached inputs (pinned)"] = device.pop("cached inputs")
     if not gpu:
         device.pop("embedding (layer 0)")        # on CPU the embedding is used where it is
         host.update({f"{k} (CPU run)": v for k, v in device.items()})
@@ -195,7 +199,8 @@ def plan_memory(cfg, model, adapter, specs) -> dict:
     est = estimate_peak_memory(shape, num_samples=cal.num_samples, seq_len=cal.seq_len, batch_size=cal.batch_size,
                                eval_windows=ev.max_windows if streams else 0, eval_seq_len=ev.seq_len,
                                eval_batch_size=ev.batch_size, eval_streams=streams, rtn=ev.enabled and ev.rtn,
-                               gpu=cfg.trainer.accelerator != "cpu", devices=devices)
+                               gpu=cfg.trainer.accelerator != "cpu", devices=devices,
+                               cache_on_host=getattr(cal, "cache_device", "auto") == "cpu")
     est["eval_windows_unknown"] = bool(streams) and ev.max_windows is None
     return est
 
