@@ -24,11 +24,11 @@ from alphaquant.data_sources import (HUB_SPLITS, TOKEN_SUFFIXES, check_hub_split
                                      parse_split, split_text, split_tokens)
 from alphaquant.errors import ConfigError, DataError
 
-__all__ = ["build_windows", "calibration_windows", "check_calibration_memory", "check_seq_len", "check_sources",
+__all__ = ["SELF", "build_windows", "calibration_windows", "check_calibration_memory", "check_seq_len", "check_sources",
            "check_tokenizer_dir",
            "check_vocab", "eval_windows", "needs_tokenizer",
-           "load_text", "load_token_file", "load_tokens", "parse_split", "split_text", "split_tokens",
-           "tokenize"]
+           "load_text", "load_token_file", "load_tokens", "parse_split", "self_calibration_windows", "split_text",
+           "split_tokens", "tokenize"]
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:
@@ -107,15 +107,45 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = N
     return tokens.reshape(-1)[: n * seq_len].reshape(n, seq_len)
 
 
+SELF = "self"    # calibration.dataset: windows the model generates itself (alphaquant/data_self.py)
+
+
+def self_calibration_windows(cfg, tokenizer, model, vocab_size: int | None = None) -> torch.Tensor:
+    """calibration.dataset self: [N, T] windows `model` writes from prompts (calibration.self_prompts' first
+    tokens of seeded random windows, or the start token), balanced over experts (`data_self.self_windows`)."""
+    from alphaquant.data_self import check_model, self_windows, start_token
+
+    cal = cfg.calibration
+    if model is None:
+        raise ConfigError("calibration.dataset self needs the model to generate from; pass model= to build_windows")
+    check_model(model)
+    if cal.self_prompts:
+        tokens = load_tokens(cal.self_prompts, cal.split, tokenizer, text_field=cal.text_field,
+                             token_dtype=cal.token_dtype, vocab_size=vocab_size, key="calibration.self_prompts")
+        prompts = calibration_windows(tokens, cal.num_samples, cal.self_prompt_len, cal.seed,
+                                      source=f"calibration.self_prompts '{cal.self_prompts}' (split {cal.split!r})")
+    else:
+        prompts = torch.full((cal.num_samples, cal.self_prompt_len), start_token(tokenizer, model.config),
+                             dtype=torch.long)
+    return self_windows(model, cal.num_samples, cal.seq_len, prompts, seed=cal.seed,
+                        temperature=cal.self_temperature, balance=cal.self_balance,
+                        candidates=cal.self_candidates, batch_size=max(cal.batch_size, 16))
+
+
 def build_windows(cfg, tokenizer, vocab_size: int | None = None,
-                  max_pos: int | None = None) -> dict[str, torch.Tensor]:
-    """{"calib": [N, T], "eval": [M, T'] (when cfg.eval.enabled)} from a `Config`."""
+                  max_pos: int | None = None, model=None) -> dict[str, torch.Tensor]:
+    """{"calib": [N, T], "eval": [M, T'] (when cfg.eval.enabled)} from a `Config`.
+
+    model: the unquantized model, needed (whole, in memory) when calibration.dataset is self."""
     cal, ev = cfg.calibration, cfg.eval
     check_seq_len(cal.seq_len, max_pos, "calibration.seq_len")
-    tokens = load_tokens(cal.dataset, cal.split, tokenizer, text_field=cal.text_field,
-                         token_dtype=cal.token_dtype, vocab_size=vocab_size, key="calibration.dataset")
-    out = {"calib": calibration_windows(tokens, cal.num_samples, cal.seq_len, cal.seed,
-                                        source=f"calibration.dataset '{cal.dataset}' (split {cal.split!r})")}
+    if cal.dataset == SELF:
+        out = {"calib": self_calibration_windows(cfg, tokenizer, model, vocab_size)}
+    else:
+        tokens = load_tokens(cal.dataset, cal.split, tokenizer, text_field=cal.text_field,
+                             token_dtype=cal.token_dtype, vocab_size=vocab_size, key="calibration.dataset")
+        out = {"calib": calibration_windows(tokens, cal.num_samples, cal.seq_len, cal.seed,
+                                            source=f"calibration.dataset '{cal.dataset}' (split {cal.split!r})")}
     if ev.enabled:
         check_seq_len(ev.seq_len, max_pos, "eval.seq_len")
         tokens = load_tokens(ev.dataset, ev.split, tokenizer, text_field=ev.text_field,
@@ -134,9 +164,23 @@ def _streams(cfg):
     return [("calibration", cfg.calibration)] + ([("eval", cfg.eval)] if cfg.eval.enabled else [])
 
 
+def _sources(cfg):
+    """(key, source, split, text_field, token_dtype, seq_len) of every data file or hub set a run reads
+    (calibration.dataset self reads none; its calibration.self_prompts, if set, is read for short prompts)."""
+    out = []
+    for name, s in _streams(cfg):
+        if name == "calibration" and s.dataset == SELF:
+            if s.self_prompts:
+                out.append(("calibration.self_prompts", s.self_prompts, s.split, s.text_field, s.token_dtype,
+                            s.self_prompt_len))
+            continue
+        out.append((f"{name}.dataset", s.dataset, s.split, s.text_field, s.token_dtype, s.seq_len))
+    return out
+
+
 def needs_tokenizer(cfg) -> bool:
     """True when a calibration/evaluation source is text (not a pre-tokenized file)."""
-    return any(not str(s.dataset).endswith(TOKEN_SUFFIXES) for _, s in _streams(cfg))
+    return any(not str(src).endswith(TOKEN_SUFFIXES) for _, src, *_ in _sources(cfg))
 
 
 def check_tokenizer_dir(path: str, key: str = "model.tokenizer") -> None:
@@ -222,13 +266,12 @@ def check_sources(cfg, vocab_size: int | None = None, max_pos: int | None = None
     text not empty, token files readable, in the vocabulary and at least one window long."""
     for name, s in _streams(cfg):
         check_seq_len(s.seq_len, max_pos, f"{name}.seq_len")
-    for name, s in _streams(cfg):
-        key = f"{name}.dataset"
-        if s.dataset in HUB_SPLITS:
-            check_hub_split(s.dataset, parse_split(s.split, key=f"{name}.split"), key)
-        elif str(s.dataset).endswith(TOKEN_SUFFIXES):
-            tokens = load_tokens(s.dataset, s.split, token_dtype=s.token_dtype, vocab_size=vocab_size, key=key)
-            if tokens.numel() < s.seq_len:
-                raise _too_short(tokens, s.seq_len, f"{key} '{s.dataset}' (split {s.split!r})")
+    for key, src, split, text_field, token_dtype, seq_len in _sources(cfg):
+        if src in HUB_SPLITS:
+            check_hub_split(src, parse_split(split, key=key.rsplit(".", 1)[0] + ".split"), key)
+        elif str(src).endswith(TOKEN_SUFFIXES):
+            tokens = load_tokens(src, split, token_dtype=token_dtype, vocab_size=vocab_size, key=key)
+            if tokens.numel() < seq_len:
+                raise _too_short(tokens, seq_len, f"{key} '{src}' (split {split!r})")
         else:
-            load_text(s.dataset, s.split, s.text_field, key=key)
+            load_text(src, split, text_field, key=key)

@@ -79,7 +79,9 @@ class ModelConfig:
 
 @dataclass
 class CalibrationConfig:
-    # wikitext2 | c4 | a local .txt / .jsonl file | a token file (.pt / .npy / .bin)
+    # wikitext2 | c4 | a local .txt / .jsonl file | a token file (.pt / .npy / .bin) | self = windows the model
+    # writes itself, steered towards a balanced expert load (MoEQuant's EBSS; alphaquant/data_self.py): needs the
+    # whole model in memory (model.lazy: false) and the local code of the four families
     dataset: str = "wikitext2"
     split: str = "train"           # train | validation | test | all | "a:b" fractions ("0:0.9")
     text_field: str = "text"       # the field holding the text in a .jsonl file
@@ -99,9 +101,26 @@ class CalibrationConfig:
     # (fastest); cpu = in pinned host memory, one batch at a time copied to the accelerator and its outputs
     # back (less accelerator memory, a host<->device copy per batch and pass; identical results)
     cache_device: Literal["auto", "gpu", "cpu"] = "auto"
+    # dataset self: where the windows' first tokens come from (same kinds of source as dataset, its split and
+    # text_field; seeded random windows); null = every window starts from the BOS token (else EOS)
+    self_prompts: str | None = None
+    self_prompt_len: int = 1       # dataset self: prompt tokens per window (kept as its first tokens)
+    self_temperature: float = 1.0  # dataset self: sampling temperature of the next-token distribution
+    # dataset self: weight of the expert-load penalty in a candidate's score (log p + Gumbel noise - balance x
+    # overload of its experts); 0 = plain seeded sampling
+    self_balance: float = 10.0
+    self_candidates: int = 8       # dataset self: candidate next tokens scored per step (Gumbel-top-k draws)
 
     def check(self, path: str) -> None:
-        _positive(path, num_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size)
+        _positive(path, num_samples=self.num_samples, seq_len=self.seq_len, batch_size=self.batch_size,
+                  self_prompt_len=self.self_prompt_len, self_candidates=self.self_candidates)
+        if not self.self_temperature > 0:
+            raise ConfigError(f"{path}.self_temperature must be > 0; got {self.self_temperature}")
+        if not self.self_balance >= 0:
+            raise ConfigError(f"{path}.self_balance must be >= 0; got {self.self_balance}")
+        if self.dataset == "self" and self.self_prompt_len >= self.seq_len:
+            raise ConfigError(f"{path}.self_prompt_len ({self.self_prompt_len}) must be smaller than "
+                              f"{path}.seq_len ({self.seq_len})")
         _check_seed(f"{path}.seed", self.seed)
         if self.min_tokens_warn < 0:
             raise ConfigError(f"{path}.min_tokens_warn must be >= 0; got {self.min_tokens_warn}")
@@ -212,6 +231,8 @@ class Config:
             # the name becomes a directory (outputs/<name>, logs/<name>): "" would be outputs/ itself
             raise ConfigError(f"name must be a run name without '/' (it names outputs/<name> and logs/<name>); "
                               f"got {self.name!r}")
+        if self.calibration.dataset == "self" and self.model.lazy:
+            raise ConfigError("calibration.dataset self generates with the whole model in memory; set model.lazy: false")
         if self.output.dir is None:
             self.output.dir = os.path.join("outputs", self.name)
         if self.quant.int_scale_dtype == "auto":      # int scales in the model's dtype where it is bfloat16
@@ -238,7 +259,8 @@ class Config:
 
 
 # (section, key) of every config value that is a file or directory path
-PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("calibration", "dataset"), ("eval", "dataset"),
+PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("calibration", "dataset"), ("calibration", "self_prompts"),
+             ("eval", "dataset"),
              ("logging", "wandb.dir"), ("logging", "csv.dir"), ("output", "dir"))
 
 

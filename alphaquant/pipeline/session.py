@@ -83,7 +83,7 @@ class CalibrationSession:
         tokenizer = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         mc = self.model.config
         self.windows = build_windows(cfg, tokenizer, vocab_size=mc.vocab_size,
-                                     max_pos=getattr(mc, "max_position_embeddings", None))
+                                     max_pos=getattr(mc, "max_position_embeddings", None), model=self.model)
         self.stage_seconds["data"] = time.perf_counter() - t0
         # comparison runs first, so the saved summary and the loggers carry their perplexities too
         self.extra_perplexity = {f"gptq_{mode}": self._compare(mode)
