@@ -55,7 +55,14 @@ FORMATS = {   # name -> (quant.default, quant.overrides, llm-compressor config g
     "w4g64": ({"wq": "int4", "group_size": 64, "sym": True}, [], "int4g64"),
     "w4g128": ({"wq": "int4", "group_size": 128, "sym": True}, [], "int4g128"),
     "mxfp4": ({"wq": "int4", "group_size": 128, "sym": True}, [{"pattern": "*.experts.*", "wq": "mxfp4"}], "mxfp4"),
+    # quant.budget_bits (alphaquant/gptq/budget.py): per module one of int2/3/4/8 at group 64 (2.25/3.25/4.25/8.25
+    # bits incl. fp16 scales), least routing-weighted output error within the average; ours only (no llmc kind)
+    "budget3.0": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
+    "budget3.25": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
+    "budget3.5": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
 }
+BUDGETS = {f: {"budget_bits": float(f[6:]), "budget_candidates": ["int2", "int3", "int4", "int8"]}
+           for f in FORMATS if f.startswith("budget")}
 DEFAULTS = {"act_order": False, "damp": 0.01, "true_sequential": True, "scale_search": "none", "hessian": "routed"}
 OURS = {   # method -> changes from DEFAULTS
     "gptq": {},
@@ -136,7 +143,7 @@ def our_config(model_dir: Path, tokens_pt: Path, fmt: str, seed: int, opts: dict
                         "seq_len": args.seq_len, "seed": seed, "batch_size": 16, "hessian": opts["hessian"],
                         **({"dataset": "self"} if opts.get("dataset") == "self" else {})},
         "eval": {"enabled": False},
-        "quant": {"default": dict(default), "overrides": [dict(o) for o in overrides]},
+        "quant": {"default": dict(default), "overrides": [dict(o) for o in overrides], **BUDGETS.get(fmt, {})},
         "gptq": {"block_size": 128, "damp": opts["damp"], "act_order": opts["act_order"], "static_groups": True,
                  "true_sequential": opts["true_sequential"], "scale_search": opts["scale_search"]},
         "trainer": {"accelerator": "cpu", "devices": 1},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -39,9 +39,10 @@ class ModuleRecord:
 
 
 class GPTQSolve(Callback):
-    def __init__(self, collector, specs: dict, layer_prefix, gptq_opts: dict):
+    def __init__(self, collector, specs: dict, layer_prefix, gptq_opts: dict, budget=None):
         self.collector = collector      # HessianCollector: the Hessians of the current group
-        self.specs = specs              # full module name -> QuantSpec
+        self.specs = specs              # full module name -> QuantSpec (budget_bits writes its choices here)
+        self.budget = budget            # the quant section when quant.budget_bits is set (alphaquant/gptq/budget.py)
         self.layer_prefix = layer_prefix  # layer index -> "model.layers.{i}."
         self.opts = gptq_opts           # block_size, damp, act_order, static_groups
         self.records: dict[str, ModuleRecord] = {}
@@ -53,8 +54,11 @@ class GPTQSolve(Callback):
             return
         t0 = time.perf_counter()
         prefix = self.layer_prefix(runner.plan.layer_index)
-        for (spec, _r, _c), stacks in self._buckets(runner, prefix).items():
-            self._solve_bucket(runner.block, prefix, spec, stacks)
+        if self.budget is not None:
+            self._solve_budget(runner, prefix)
+        else:
+            for (spec, _r, _c), stacks in self._buckets(runner, prefix).items():
+                self._solve_bucket(runner.block, prefix, spec, stacks)
         dt = time.perf_counter() - t0
         self.solve_seconds += dt
         i = runner.plan.layer_index
@@ -74,11 +78,25 @@ class GPTQSolve(Callback):
 
     @torch.no_grad()
     def _solve_bucket(self, layer, prefix, spec, stacks):
-        lin = lambda n: layer.get_submodule(n)  # noqa: E731
-        W = torch.stack([torch.cat([lin(n).weight.float() for n in names]) for _, names in stacks])  # [E, R, C]
+        sol = self._solve_stacks(layer, prefix, spec, stacks, *self._inputs(layer, prefix, stacks))
+        for e, (key, names) in enumerate(stacks):
+            row = 0
+            for n in names:
+                rows = slice(row, row + layer.get_submodule(n).out_features)
+                row = rows.stop
+                self._keep(layer, prefix, n, sol, e, rows)
+
+    def _inputs(self, layer, prefix, stacks):
+        """(W [E, R, C], H [E, C, C], Hessian states) of a bucket's stacks."""
+        W = torch.stack([torch.cat([layer.get_submodule(n).weight.float() for n in names]) for _, names in stacks])
         states = [self.collector.states[key] for key, _ in stacks]
-        H = torch.stack([s.finalize() for s in states])                                            # [E, C, C]
+        H = torch.stack([s.finalize() for s in states])
         _check_finite(W, H, stacks, prefix)
+        return W, H, states
+
+    @torch.no_grad()
+    def _solve_stacks(self, layer, prefix, spec, stacks, W, H, states) -> dict:
+        """GPTQ of the stacks in format `spec`; nothing is written into the layer yet (`_keep` does)."""
         fmt = build_format(spec)
         rank, world = _rank_world()
         if len(stacks) < world:   # too few to shard (e.g. attention): every rank solves it all
@@ -96,18 +114,56 @@ class GPTQSolve(Callback):
         losses, fallbacks = _gather_meta(res, chunks, rank, world)
         tokens = torch.stack([s.n_tokens for s in states]).tolist()           # one host sync each,
         weight_sums = torch.stack([s.weight_sum for s in states]).tolist()    # not one per expert
-        for e, (key, names) in enumerate(stacks):
-            row = 0
-            for n in names:
-                m = lin(n)
-                rows = slice(row, row + m.out_features)
-                row += m.out_features
-                m.weight.copy_(Wq[e, rows].to(m.weight.dtype))
-                self.records[prefix + n] = ModuleRecord(
-                    name=prefix + n, spec=spec, params=_slice_params(params, e, rows),
-                    g_idx=parts["g_idx"][e] if "g_idx" in parts else None,
-                    tokens=int(tokens[e]), weight_sum=float(weight_sums[e]),
-                    loss=float(losses[e]), rel_error=float(rel[e]), fallback=fallbacks[e])
+        return {"spec": spec, "Wq": Wq, "params": params, "g_idx": parts.get("g_idx"), "rel": rel,
+                "losses": losses, "fallbacks": fallbacks, "tokens": tokens, "weight_sums": weight_sums}
+
+    def _keep(self, layer, prefix, n, sol, e, rows, extra=None):
+        """Rows `rows` of stack e of solve `sol` become linear n's weight and record."""
+        m = layer.get_submodule(n)
+        m.weight.copy_(sol["Wq"][e, rows].to(m.weight.dtype))
+        self.records[prefix + n] = ModuleRecord(
+            name=prefix + n, spec=sol["spec"], params=_slice_params(sol["params"], e, rows),
+            g_idx=sol["g_idx"][e] if sol["g_idx"] is not None else None,
+            tokens=int(sol["tokens"][e]), weight_sum=float(sol["weight_sums"][e]),
+            loss=float(sol["losses"][e]), rel_error=float(sol["rel"][e]), fallback=sol["fallbacks"][e],
+            extra=dict(extra or {}))
+
+    @torch.no_grad()
+    def _solve_budget(self, runner, prefix):
+        """quant.budget_bits: every module of the group solved in each candidate format, then per module
+        the candidate of least total output error within the group's share of the budget (gptq/budget.py)."""
+        from alphaquant.config.recipe import candidate_specs, weight_bits
+        from alphaquant.gptq.budget import choose
+        layer, q = runner.block, self.budget
+        options = []        # per module: (name, [(spec, sol, e, rows, bits, loss)])
+        for (spec, _r, _c), stacks in self._buckets(runner, prefix).items():
+            W, H, states = self._inputs(layer, prefix, stacks)
+            # Σ_t c_t x xᵀ: the output error as the model sees it (finalize divides by each stack's tokens)
+            scale = torch.stack([s.n_tokens for s in states]).to(H).clamp_min(1).reshape(-1, 1, 1) / 2
+            opts = {}
+            for cand in candidate_specs(spec, q.budget_candidates, q.nonstandard_blocks, prefix + stacks[0][1][0]):
+                sol = self._solve_stacks(layer, prefix, cand, stacks, W, H, states)
+                D = sol["Wq"] - W
+                row_loss = torch.einsum("erc,erc->er", D @ (H * scale), D).double().cpu()   # [E, R], fp32 (no TF32)
+                opts[cand] = (sol, row_loss)
+            for e, (key, names) in enumerate(stacks):
+                row = 0
+                for n in names:
+                    m = layer.get_submodule(n)
+                    rows = slice(row, row + m.out_features)
+                    row = rows.stop
+                    shaped = lambda c: replace(c, shape=tuple(m.weight.shape))  # noqa: E731
+                    options.append((n, [(c, sol, e, rows, weight_bits(shaped(c)), float(rl[e, rows].sum()))
+                                        for c, (sol, rl) in opts.items()]))
+        numel = sum(layer.get_submodule(n).weight.numel() for n, _ in options)
+        picks = choose([[o[4] for o in opt] for _, opt in options], [[o[5] for o in opt] for _, opt in options],
+                       q.budget_bits * numel)
+        for (n, opt), k in zip(options, picks):
+            spec, sol, e, rows, bits, loss = opt[k]
+            self.specs[prefix + n] = spec
+            self._keep(layer, prefix, n, sol, e, rows, extra={
+                "budget_choice": {"wq": spec.wq, "group_size": spec.group_size, "bits": int(bits), "loss": loss,
+                                  "candidates": {o[0].label: o[5] for o in opt}}})
 
 
 def _check_finite(W, H, stacks, prefix):

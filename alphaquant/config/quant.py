@@ -136,18 +136,50 @@ class QuantConfig:
     # scales' dtype, so float16 scales there are rounded for dense linears and give float32 experts, whose
     # CUDA forward fails in a bfloat16 model), else float16 (GPTQ checkpoints' choice, lossless for them)
     int_scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # average bits per weight (scales/zeros included) over the modules the recipe quantizes; set: GPTQ
+    # solves every module with each of budget_candidates and keeps, per module (each expert linear), the
+    # choice of least total routing-weighted output error within the budget, per decoder layer
+    # (alphaquant/gptq/budget.py); null = every module gets its rule's format
+    budget_bits: float | None = None
+    # formats budget_bits chooses from: NAME (the module's group size; MX/NVFP4 their block) or NAME/GROUP
+    budget_candidates: list[str] = field(default_factory=lambda: ["int2", "int3", "int4", "int8"])
 
     def __post_init__(self):
         if self.default.group_size is None:          # built in code, not from YAML
             self.default.check("quant.default")
 
     def check(self, path: str) -> None:
+        if self.budget_bits is not None:
+            check_budget(self, path)
         seen: dict[str, int] = {}
         for i, o in enumerate(self.overrides):
             if o.pattern in seen:
                 raise ConfigError(f"{path}.overrides[{i}] repeats the pattern {o.pattern!r} of "
                                   f"{path}.overrides[{seen[o.pattern]}]; merge the two rules")
             seen[o.pattern] = i
+
+
+def check_budget(q: "QuantConfig", path: str) -> None:
+    """quant.budget_bits / budget_candidates: a positive budget, at least two distinct known formats."""
+    b = q.budget_bits
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 32:
+        raise ConfigError(f"{path}.budget_bits must be average bits per weight between 0 and 32 (e.g. 3.5), "
+                          f"or null; got {b!r}")
+    if not isinstance(q.budget_candidates, list) or len(q.budget_candidates) < 2:
+        raise ConfigError(f"{path}.budget_candidates must list two or more weight formats (e.g. [int2, int3, "
+                          f"int4, int8]); got {q.budget_candidates!r}")
+    seen = set()
+    for i, c in enumerate(q.budget_candidates):
+        if not isinstance(c, str):
+            raise ConfigError(f"{path}.budget_candidates[{i}] must be a format name such as 'int3' or 'int4/64'; got {c!r}")
+        name, g = split_wq(c, None, f"{path}.budget_candidates[{i}]")
+        if name in ("bf16", "fp16"):
+            raise ConfigError(f"{path}.budget_candidates[{i}] {c!r} is not a quantized format; list only "
+                              f"quantized ones (a module to keep unquantized takes a skip rule)")
+        check_group_size(f"{path}.budget_candidates[{i}]", g)
+        if (name, g) in seen:
+            raise ConfigError(f"{path}.budget_candidates[{i}] repeats {c!r}")
+        seen.add((name, g))
 
 
 @dataclass

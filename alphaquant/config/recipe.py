@@ -115,6 +115,8 @@ def resolve_recipe(quant_cfg: QuantConfig, modules: list[tuple[str, int, int]]) 
             _check_standard_block(spec, name, set_by[name])
         specs[name] = spec
     check_formats(specs)
+    if getattr(quant_cfg, "budget_bits", None) is not None:
+        check_budget_specs(quant_cfg, specs)
     return specs
 
 
@@ -183,17 +185,80 @@ def _scale_bits(wq: str) -> int:
     return 16 if wq.startswith("int") else 8 if wq.startswith(("mx", "nv")) else 32
 
 
-def weight_bytes(spec: QuantSpec, orig_bits: int = 16) -> int:
-    """Bytes of the stored weight of one module: elements x bits + per-group scales (+ zeros)."""
+def weight_bits(spec: QuantSpec, orig_bits: int = 16) -> int:
+    """Bits of the stored weight of one module: elements x bits + per-group scales (+ zeros)."""
     out_f, in_f = spec.shape
     n = out_f * in_f
     if not spec.quantized:
-        return math.ceil(n * (orig_bits if spec.skip else 16) / 8)
+        return n * (orig_bits if spec.skip else 16)
     groups = out_f * (1 if spec.group_size == -1 else in_f // spec.group_size)
     e = _elem_bits(spec.wq)
     per_group = _scale_bits(spec.wq) + (e if spec.wq.startswith("int") and not spec.sym else 0)
     tensor = 32 if spec.wq == "nvfp4" else 0              # NVFP4's fp32 per-tensor scale
-    return math.ceil((n * e + groups * per_group + tensor) / 8)
+    return n * e + groups * per_group + tensor
+
+
+def weight_bytes(spec: QuantSpec, orig_bits: int = 16) -> int:
+    """Bytes of the stored weight of one module: elements x bits + per-group scales (+ zeros)."""
+    return math.ceil(weight_bits(spec, orig_bits) / 8)
+
+
+def bits_per_weight(spec: QuantSpec) -> float:
+    """Average stored bits per element of a module, scale/zero overhead included: int3/g64 3.25,
+    int4/g128 4.125, mxfp4 4.25, nvfp4 4.5 (+ the per-tensor scale), fp8_e4m3 per row 8 + 32/in."""
+    n = spec.shape[0] * spec.shape[1]
+    return weight_bits(spec) / n if n else 0.0
+
+
+def average_bits(specs: dict[str, QuantSpec]) -> float:
+    """Average bits per weight over the quantized modules of `specs` (the unit of quant.budget_bits)."""
+    q = [s for s in specs.values() if s.quantized]
+    n = sum(s.shape[0] * s.shape[1] for s in q)
+    return sum(weight_bits(s) for s in q) / n if n else 0.0
+
+
+def candidate_specs(spec: QuantSpec, candidates, nonstandard_blocks: bool = False,
+                    name: str = "") -> list[QuantSpec]:
+    """The specs quant.budget_candidates offer a module whose rule gives `spec`: "int3" keeps the
+    module's group size (and sym), "mxfp4" its standard block, "int3/64" that group size."""
+    from dataclasses import replace
+    out = []
+    for i, c in enumerate(candidates):
+        wq, g = split_wq(c, None, f"quant.budget_candidates[{i}]")
+        if g is None:
+            g = STANDARD_BLOCK.get(wq, spec.group_size)
+        cand = replace(spec, wq=wq, group_size=g, rule=BUDGET_RULE)
+        in_f = spec.shape[1]
+        if g != -1 and in_f and in_f % g:
+            raise ConfigError(f"quant.budget_candidates[{i}] {c!r}: group size {g} does not divide in_features "
+                              f"{in_f} of module {name!r}; give that candidate a divisor, e.g. '{wq}/32'")
+        if not nonstandard_blocks:
+            _check_standard_block(cand, name, {"group_size": f"quant.budget_candidates[{i}]"})
+        out.append(cand)
+    return out
+
+
+BUDGET_RULE = "quant.budget_bits"
+
+
+def check_budget_specs(quant_cfg: QuantConfig, specs: dict[str, QuantSpec]) -> None:
+    """quant.budget_bits is reachable: every quantized module has candidates (checked) and the budget is at
+    least the cheapest candidate of the module where that is dearest (so every layer can meet it)."""
+    budget = getattr(quant_cfg, "budget_bits", None)
+    if budget is None:
+        return
+    worst, where = 0.0, ""
+    for name, spec in specs.items():
+        if not spec.quantized:
+            continue
+        cands = candidate_specs(spec, quant_cfg.budget_candidates, quant_cfg.nonstandard_blocks, name)
+        cheapest = min(bits_per_weight(c) for c in cands)
+        if cheapest > worst:
+            worst, where = cheapest, name
+    if budget < worst - 1e-9:
+        raise ConfigError(f"quant.budget_bits {budget} is below {worst:.4g} bits per weight, the cheapest of "
+                          f"quant.budget_candidates for module {where!r} (scales included); raise the budget or "
+                          f"add a cheaper candidate")
 
 
 def estimate_memory(specs: dict[str, QuantSpec], orig_bits: int = 16) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from alphaquant.errors import ConfigError
 
-QUANT_KEYS = ("default", "overrides", "nonstandard_blocks")
+QUANT_KEYS = ("default", "overrides", "nonstandard_blocks", "budget_bits", "budget_candidates")
 RUN_KEYS = ("model", "calibration", "eval", "quant", "gptq", "trainer", "logging", "output", "name", "seed")
 
 

@@ -31,7 +31,8 @@ def build_and_walk(session, writer_factory) -> dict:
     quiet_lightning()
     collector = HessianCollector(adapter, mode=cfg.calibration.hessian)
     g = cfg.gptq
-    solver = GPTQSolve(collector, session.specs, adapter.layer_prefix, solver_options(g))
+    solver = GPTQSolve(collector, session.specs, adapter.layer_prefix, solver_options(g),
+                       budget=cfg.quant if cfg.quant.budget_bits is not None else None)
     ppl = PerplexityCallback()
     loggers = build_loggers(cfg, session.name)
     trainer = build_trainer(cfg, [collector, solver, ppl], loggers)
@@ -82,6 +83,8 @@ def build_and_walk(session, writer_factory) -> dict:
             "modules": {n: {"format": r.spec.label, "tokens": r.tokens, "rel_error": r.rel_error,
                             "loss": r.loss, "fallback": r.fallback} for n, r in solver.records.items()},
         }
+        if cfg.quant.budget_bits is not None:
+            results["budget"] = budget_summary(session)
         t1 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="last-shard") as pool:
             # the last shard is written while the plots are drawn (disk vs. matplotlib)
@@ -159,9 +162,35 @@ _PPL_NAMES = {"eval_fp": "original", "eval_rtn": "rtn", "eval_q": "quantized"}
 
 
 def _recipe_json(session) -> dict:
-    return {"config": session.cfg.to_dict(),
-            "modules": {n: {"wq": s.wq, "group_size": s.group_size, "sym": s.sym, "aq": s.aq, "skip": s.skip,
-                            "rule": s.rule} for n, s in session.specs.items()}}
+    out = {"config": session.cfg.to_dict(),
+           "modules": {n: {"wq": s.wq, "group_size": s.group_size, "sym": s.sym, "aq": s.aq, "skip": s.skip,
+                           "rule": s.rule} for n, s in session.specs.items()}}
+    if session.cfg.quant.budget_bits is not None:
+        out["budget"] = {**budget_summary(session), "quant": budget_quant_section(session)}
+    return out
+
+
+def budget_summary(session) -> dict:
+    """quant.budget_bits' outcome: the budget, the average bits reached, modules per format."""
+    from alphaquant.config.recipe import BUDGET_RULE, average_bits, format_counts
+    q = session.cfg.quant
+    chosen = {n: s for n, s in session.specs.items() if s.quantized}
+    return {"budget_bits": q.budget_bits, "candidates": list(q.budget_candidates),
+            "average_bits": average_bits(chosen), "modules_per_format": format_counts(chosen),
+            "chosen_by_budget": sum(s.rule == BUDGET_RULE for s in chosen.values())}
+
+
+def budget_quant_section(session) -> dict:
+    """A plain quant section (no budget) giving every module the format the budget chose: exact-name
+    overrides after the run's own rules, so `--recipe` with it reproduces the recipe without a search."""
+    from alphaquant.config.recipe import BUDGET_RULE
+    q = session.cfg.to_dict()["quant"]
+    q.pop("budget_bits", None)
+    q.pop("budget_candidates", None)
+    q["overrides"] = list(q.get("overrides", [])) + [
+        {"pattern": n, "wq": s.wq, "group_size": s.group_size}
+        for n, s in session.specs.items() if s.rule == BUDGET_RULE]
+    return q
 
 
 @contextlib.contextmanager

@@ -263,6 +263,13 @@ class ResumeState:
         saved = json.loads(base.with_suffix(".json").read_text())["records"]
         everything = load_file(str(base.with_suffix(".safetensors")))
         tensors = {k: v for k, v in everything.items() if not k.startswith(RECORD)}
+        for n, r in saved.items():          # quant.budget_bits chose this module's format in the saved run
+            choice = r["extra"].get("budget_choice")
+            if choice:
+                from dataclasses import replace
+
+                from alphaquant.config.recipe import BUDGET_RULE
+                specs[n] = replace(specs[n], wq=choice["wq"], group_size=choice["group_size"], rule=BUDGET_RULE)
         weights = decompress_modules(tensors, {n: specs[n] for n in saved}, dtype)
         records = {}
         for n, r in saved.items():

@@ -22,6 +22,10 @@ def finish_run(session, seconds: float) -> None:
               "peak host RSS (GiB)": res["memory"]["host_rss_bytes"] / 2**30}
     if "accelerator_bytes" in res["memory"]:
         totals["peak accelerator (GiB)"] = res["memory"]["accelerator_bytes"] / 2**30
+    if "budget" in res:                 # quant.budget_bits: what the per-module choice reached
+        b = res["budget"]
+        totals["average bits (budget)"] = f"{b['average_bits']:.3f} ({b['budget_bits']})"
+        totals["modules per format"] = ", ".join(f"{k}: {v}" for k, v in b["modules_per_format"].items())
     if res["output_dir"]:
         totals["checkpoint"] = res["output_dir"]
     console = Console()
