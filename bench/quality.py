@@ -77,6 +77,8 @@ OURS = {   # method -> changes from DEFAULTS
     "mse_hdiag": {"scale_search": "mse_hdiag"},
     "act_order+mse": {"act_order": True, "scale_search": "mse"},
     "act_order+mse_hdiag": {"act_order": True, "scale_search": "mse_hdiag"},
+    # gptq.asymmetric (GPTAQ, alphaquant/gptq/gptaq.py): solve toward the fp layer's outputs on fp inputs
+    "act_order+mse+gptaq": {"act_order": True, "scale_search": "mse", "asymmetric": True},
     # calibration.dataset self (EBSS, alphaquant/data_self.py): windows the fp model writes itself, expert-balanced
     "act_order+mse+ebss": {"act_order": True, "scale_search": "mse", "dataset": "self"},
     "act_order+mse+routed_sq+ebss": {"act_order": True, "scale_search": "mse", "hessian": "routed_sq", "dataset": "self"},
@@ -145,7 +147,8 @@ def our_config(model_dir: Path, tokens_pt: Path, fmt: str, seed: int, opts: dict
         "eval": {"enabled": False},
         "quant": {"default": dict(default), "overrides": [dict(o) for o in overrides], **BUDGETS.get(fmt, {})},
         "gptq": {"block_size": 128, "damp": opts["damp"], "act_order": opts["act_order"], "static_groups": True,
-                 "true_sequential": opts["true_sequential"], "scale_search": opts["scale_search"]},
+                 "true_sequential": opts["true_sequential"], "scale_search": opts["scale_search"],
+                 "asymmetric": opts.get("asymmetric", False)},
         "trainer": {"accelerator": "cpu", "devices": 1},
         "logging": {"wandb": {"mode": "disabled"}, "csv": {"enabled": False}},
         "output": {"dir": str(out_dir), "overwrite": True, "save": True, "resume": False, "format": "dequantized"},

@@ -19,6 +19,15 @@ Modes (config `calibration.hessian`):
   uniform      the routed tokens, each with weight 1 (plain GPTQ on an MoE).
   all_experts  every token through every expert, weight 1 (llm-compressor's default);
                outputs stay routed, only the Hessians see all tokens.
+
+gptq.asymmetric (GPTAQ, alphaquant/gptq/gptaq.py): beside each Hessian H = Σ c x̃ x̃ᵀ of the quantized
+model's inputs x̃, the cross sum P = Σ c (x − x̃) x̃ᵀ with x the input the same linear sees in the fp model
+for the same token: the runner runs the layer's unquantized copy (plan.fp_block) on the fp model's layer
+inputs (plan.fp_stream) just before the layer, and hooks on it keep the inputs of the group's non-expert
+linears and of each MoE block. Routed experts: both x and x̃ over the tokens the QUANTIZED model routes to
+the expert, with its routing weights (the tokens and weights of H); an expert's fp gate/up input is the fp
+block input at those tokens, its fp down input the fp expert's act(gate)·up there. Shared experts: every
+token, weighted by the quantized model's shared gate. Not with all_experts (no routed tokens to pair).
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from alphaquant.gptq import HessianState
+from alphaquant.gptq.gptaq import accumulate_cross, accumulate_cross_segments, asymmetric_target
 from alphaquant.gptq.hessian import accumulate_hessian_fast, accumulate_segments
 from alphaquant.routing import RoutePlan, expert_token_weights
 from alphaquant.callbacks.hooks import Source, expert_keys, input_identity, linear_input, shared_input_keys, weight_sources
@@ -42,10 +52,18 @@ class StopForward(Exception):
 
 
 class HessianCollector(Callback):
-    def __init__(self, adapter, mode: str = "routed"):
+    def __init__(self, adapter, mode: str = "routed", asymmetric: bool = False):
         if mode not in MODES:
             raise ValueError(f"calibration.hessian must be one of {MODES}, got {mode!r}")
-        self.adapter, self.mode = adapter, mode
+        if asymmetric and mode == "all_experts":
+            from alphaquant.errors import ConfigError
+            raise ConfigError("gptq.asymmetric pairs each expert's fp and quantized inputs over its routed tokens; "
+                              "calibration.hessian all_experts has none: use routed, routed_sq or uniform")
+        self.adapter, self.mode, self.asymmetric = adapter, mode, asymmetric
+        self.cross: dict[str, torch.Tensor] = {}   # gptq.asymmetric: Hessian key -> raw Σ c (x_fp − x̃) x̃ᵀ
+        self._cross_big: dict[tuple, torch.Tensor] = {}   # (block, leaf) -> [E, C, C], rows are cross's views
+        self._fp_in: dict[str, torch.Tensor] = {}  # this batch's fp-layer inputs: linear / MoE block -> [T, C]
+        self._fp_layer = None
         self.states: dict[str, HessianState] = {}
         self.keys: dict[str, str] = {}
         self.routed_tokens: dict[str, torch.Tensor] = {}   # block -> [num_experts] tokens this group
@@ -77,8 +95,13 @@ class HessianCollector(Callback):
         learned = self._input_keys.get(self._stop_key)
         self._pending = [] if learned is not None else list(self._plain)
         self._learning = bool(self._pending)
+        self._fp_layer = runner.plan.fp_block if self.asymmetric else None
+        if self.asymmetric and self._fp_layer is None:
+            raise RuntimeError("gptq.asymmetric: the collect pass has no fp copy of the layer (plan.fp_block)")
         self._plan_batched(layer, group, runner.device)
         self._set_keys(learned or {})
+        if self._fp_layer is not None:
+            self._hook_fp(self._fp_layer)
         self.routed_tokens = {b.name: torch.zeros(b.num_experts, dtype=torch.long, device=runner.device)
                               for b in self.blocks}
         for name in group:
@@ -115,6 +138,8 @@ class HessianCollector(Callback):
                 st = self.states[key]
                 for t in (st.H, st.n_tokens, st.weight_sum):
                     dist.all_reduce(t)
+            for key in sorted(self.cross):
+                dist.all_reduce(self.cross[key])
             for name in sorted(self.routed_tokens):
                 dist.all_reduce(self.routed_tokens[name])
 
@@ -127,6 +152,8 @@ class HessianCollector(Callback):
         for k in dict.fromkeys(self.keys.values()):
             if k not in self.states:
                 self.states[k] = HessianState.zeros(self._layer.get_submodule(k).in_features, device=self._device)
+                if self.asymmetric:
+                    self.cross[k] = torch.zeros_like(self.states[k].H)
 
     def _resolve_keys(self, inputs) -> None:
         """First flush of a pass: linears whose pre-hooks saw the same tensor share a Hessian."""
@@ -172,6 +199,7 @@ class HessianCollector(Callback):
         whose linears carry no other input hooks (activation quantization) are fed straight from the
         block input and the routing, without hooking (or, with early stop, even running) the experts."""
         self.states, self.batched, self._from_block_input = {}, {}, set()
+        self.cross, self._cross_big = {}, {}
         for b in self.blocks:
             g, u, _d = b.proj_names
             leaves: dict[str, dict[int, str]] = {}
@@ -184,6 +212,10 @@ class HessianCollector(Callback):
                 big = HessianState.zeros(C, experts=b.num_experts, device=device)
                 for e, key in experts.items():
                     self.states[key] = HessianState(big.H[e], big.n_tokens[e], big.weight_sum[e])
+                if self.asymmetric:
+                    self._cross_big[(b.name, leaf)] = torch.zeros_like(big.H)
+                    for e, key in experts.items():
+                        self.cross[key] = self._cross_big[(b.name, leaf)][e]
                 members = [n for n in self.keys if self.sources[n].kind == "expert" and self.sources[n].block == b.name
                            and self.keys[n] in experts.values()]
                 bare = all(not layer.get_submodule(n)._forward_pre_hooks for n in members)
@@ -191,6 +223,41 @@ class HessianCollector(Callback):
                 self.batched[(b.name, leaf)] = (big, experts, from_input)
                 if from_input:
                     self._from_block_input.update(members)
+
+    # -- gptq.asymmetric -----------------------------------------------------------------------
+    def _hook_fp(self, fp):
+        """Pre-hooks on the fp copy of the layer: the inputs of the group's non-expert linears and of every
+        MoE block (routed experts' fp inputs are taken from it at the quantized routing's tokens)."""
+        def keep(name):
+            def pre(_mod, args):
+                self._fp_in[name] = args[0].reshape(-1, args[0].shape[-1])
+            return pre
+        for n in self._group:
+            if not self._is_expert(n):
+                self._handles.append(fp.get_submodule(n).register_forward_pre_hook(keep(n)))
+        for b in self.blocks:
+            self._handles.append(fp.get_submodule(b.name).register_forward_pre_hook(keep(b.name)))
+
+    def _fp_rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        fp = self._fp_in.get(name)
+        if fp is None or fp.shape != x.shape:
+            raise RuntimeError(f"gptq.asymmetric: the fp layer gave {name} "
+                               f"{'no input' if fp is None else tuple(fp.shape)}, the layer {tuple(x.shape)}")
+        return fp
+
+    def _fp_expert_rows(self, block: str, leaf: str, e: int, plan: RoutePlan) -> torch.Tensor:
+        """The fp model's input of expert e's `leaf` at the tokens the quantized model routes to e."""
+        b = next(bl for bl in self.blocks if bl.name == block)
+        x = self._fp_in[block].index_select(0, plan.token_idx[plan.rows(e)])
+        if leaf in b.proj_names[:2]:                  # gate/up read the expert input itself
+            return x
+        return linear_input(self._fp_layer.get_submodule(b.expert_prefixes[e]), leaf, x)
+
+    def asymmetric_target(self, W: torch.Tensor, H: torch.Tensor, keys: list[str], damp: float) -> torch.Tensor:
+        """W̃ [E, R, C] of the stacks with these Hessian keys (gptq/gptaq.py), H [E, C, C] as finalised
+        (2/N Σ c x̃ x̃ᵀ), P normalised the same way."""
+        P = torch.stack([self.cross[k] * (2.0 / self.states[k].n_tokens.clamp(min=1).to(torch.float32)) for k in keys])
+        return asymmetric_target(W, H, P, damp)
 
     # -- hooks ------------------------------------------------------------------------------
     def _hook_input(self, layer, name):
@@ -257,7 +324,10 @@ class HessianCollector(Callback):
                 leaf = key[len(self._prefix(src)) + 1:]
                 expert_rows.setdefault((src.block, leaf), {})[src.expert] = x
                 continue
-            self.states[key].add(x, self._token_weights(name, src, x.shape[0]))
+            c = self._token_weights(name, src, x.shape[0])
+            self.states[key].add(x, c)
+            if self.asymmetric:
+                accumulate_cross(self.cross[key], self._fp_rows(name, x), x, c)
         for (block, leaf), xs in expert_rows.items():
             self._add_routed(block, leaf, xs, plans[block])
         if self.mode != "all_experts":
@@ -266,10 +336,13 @@ class HessianCollector(Callback):
                     plan = plans[block]
                     X, counts, w, ex = self._select(plan, experts, big.H.shape[0], self._block_in[block])
                     accumulate_segments(big, X, counts, self._power(w), ex)
+                    if self.asymmetric:
+                        X_fp = self._select(plan, experts, big.H.shape[0], self._fp_in[block])[0]
+                        accumulate_cross_segments(self._cross_big[(block, leaf)], X_fp, X, counts, self._power(w))
         else:
             self._flush_all_experts(layer)
             self._inputs.clear()      # the expert re-runs above re-fired the routed input hooks
-        self._routing.clear(), self._gates.clear(), self._block_in.clear()
+        self._routing.clear(), self._gates.clear(), self._block_in.clear(), self._fp_in.clear()
 
     def _prefix(self, src: Source) -> str:
         return next(b for b in self.blocks if b.name == src.block).expert_prefixes[src.expert]
@@ -300,6 +373,9 @@ class HessianCollector(Callback):
         X = torch.cat([xs[e] for e in sorted(xs)]) if xs else None
         if X is not None:
             accumulate_segments(big, X, counts, self._power(w), ex)
+            if self.asymmetric:
+                X_fp = torch.cat([self._fp_expert_rows(block, leaf, e, plan) for e in sorted(xs)])
+                accumulate_cross_segments(self._cross_big[(block, leaf)], X_fp, X, counts, self._power(w))
 
     def _power(self, w: torch.Tensor | None) -> torch.Tensor | None:
         """Routing weights as this mode weights the tokens (None: each token counts 1)."""

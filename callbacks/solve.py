@@ -92,6 +92,8 @@ class GPTQSolve(Callback):
         states = [self.collector.states[key] for key, _ in stacks]
         H = torch.stack([s.finalize() for s in states])
         _check_finite(W, H, stacks, prefix)
+        if getattr(self.collector, "asymmetric", False):   # gptq.asymmetric: GPTQ toward W̃ (gptq/gptaq.py),
+            W = self.collector.asymmetric_target(W, H, [k for k, _ in stacks], self.opts["damp"])   # errors vs W̃
         return W, H, states
 
     @torch.no_grad()

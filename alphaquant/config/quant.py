@@ -195,6 +195,11 @@ class GptqConfig:
     # group params: none = from each group's extremes; mse = range shrunk to the least rounding error
     # (gptq/scale_search.py); mse_hdiag = that error weighted per column by diag(H)
     scale_search: Literal["none", "mse", "mse_hdiag"] = "mse"
+    # GPTAQ: solve toward the fp layer's outputs on the fp model's inputs (alphaquant/gptq/gptaq.py) instead of
+    # on the quantized model's own inputs; keeps a second calibration cache (fp inputs: 2x that memory) and an
+    # fp copy of the layer being calibrated; not with calibration.hessian all_experts. On by default: it lowered
+    # the W3 g64 perplexity gap on all three bench/quality.py models (README "Quality")
+    asymmetric: bool = True
 
     def check(self, path: str) -> None:
         if self.block_size <= 0:

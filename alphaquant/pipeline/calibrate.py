@@ -29,7 +29,7 @@ def build_and_walk(session, writer_factory) -> dict:
     cfg, adapter = session.cfg, session.adapter
     t_setup = time.perf_counter()
     quiet_lightning()
-    collector = HessianCollector(adapter, mode=cfg.calibration.hessian)
+    collector = HessianCollector(adapter, mode=cfg.calibration.hessian, asymmetric=cfg.gptq.asymmetric)
     g = cfg.gptq
     solver = GPTQSolve(collector, session.specs, adapter.layer_prefix, solver_options(g),
                        budget=cfg.quant if cfg.quant.budget_bits is not None else None)
@@ -40,7 +40,8 @@ def build_and_walk(session, writer_factory) -> dict:
     dm = WindowDataModule(session.windows, {"calib": cfg.calibration.batch_size, "eval": cfg.eval.batch_size})
     opts = WalkOptions(true_sequential=g.true_sequential, evaluate=cfg.eval.enabled,
                        eval_before=cfg.eval.before, eval_rtn=cfg.eval.rtn,
-                       cache_device="cpu" if cfg.calibration.cache_device == "cpu" else None)
+                       cache_device="cpu" if cfg.calibration.cache_device == "cpu" else None,
+                       asymmetric=g.asymmetric)
     rank0 = trainer.global_rank == 0
     n_layers = adapter.num_layers(session.model)
     # the saved run and the eval.compare_hessians runs are told apart in logs without a terminal

@@ -7,7 +7,10 @@ PCIe per pass and a host-side checkpoint write. The walker (`walker.py`) places 
 on the accelerator once, swaps it in between `trainer.predict` calls and sets what a pass does:
 
 - phase "collect":   run the layer; callbacks hook the inputs of one true-sequential
-                     group of linears and accumulate Hessians; outputs are dropped.
+                     group of linears and accumulate Hessians; outputs are dropped. With
+                     `plan.fp_block` (gptq.asymmetric) the unquantized copy of the layer runs first
+                     on the same batch of `plan.fp_stream`, so hooks pair each linear's fp-model
+                     input with its quantized-model input, token by token.
 - phase "propagate": run the layer and store its outputs as the next layer's inputs.
 - phase "head":      run final norm + lm_head and return logits for the perplexity callback.
 """
@@ -32,6 +35,8 @@ class PassPlan:
     layer_index: int = -1
     group_index: int = -1
     group: list[str] = field(default_factory=list)   # linear names (relative to the layer) to calibrate
+    fp_block: nn.Module | None = None   # collect with gptq.asymmetric: the layer's unquantized copy ...
+    fp_stream: str | None = None        # ... and the stream of the fp model's layer inputs it runs on
 
 
 class LayerRunner(L.LightningModule):
@@ -53,6 +58,9 @@ class LayerRunner(L.LightningModule):
         hidden = store.get(idx, self.device)                      # [B, T, H]
         if self.plan.phase == "head":
             return {"idx": idx, "logits": self.block(hidden)}     # [B, T, V]
+        if self.plan.phase == "collect" and self.plan.fp_block is not None:
+            hidden_fp = self.stores[self.plan.fp_stream].get(idx, self.device)   # same samples, fp model
+            self.plan.fp_block(hidden_fp, **self.layer_kwargs(hidden_fp))      # hooks keep its inputs
         out = self.block(hidden, **self.layer_kwargs(hidden))     # [B, T, H]
         if self.plan.phase == "propagate":
             store.put(idx, out)

@@ -5,6 +5,8 @@
         propagate the fp evaluation stream through the original layer      (ppl before)
         [propagate the RTN stream through a round-to-nearest copy]         (ppl RTN)
         for each true-sequential group: collect Hessians, solve (callbacks)
+        [gptq.asymmetric: each collect pass also runs an unquantized copy of the layer on the fp
+         model's own layer inputs (stream "calib_fp"), which is then propagated through that copy]
         propagate the calibration stream through the quantized layer       (inputs of i+1)
         propagate the quantized evaluation stream                          (ppl after)
         hand the layer to the sink (compressed and written in the background during layer i+1,
@@ -40,6 +42,9 @@ class WalkOptions:
     eval_rtn: bool = False          # ... and of round-to-nearest with the same recipe
     cache_device: str | None = None  # where layer inputs are kept (None: the accelerator; "cpu": pinned host
                                      # memory, one batch at a time on the accelerator: calibration.cache_device)
+    # gptq.asymmetric (GPTAQ): a second calibration cache "calib_fp", the fp model's layer inputs (twice the
+    # calibration cache memory), and per layer an unquantized copy of it on the accelerator (one layer more)
+    asymmetric: bool = False
 
 
 @dataclass
@@ -64,7 +69,7 @@ class LayerWalker:
     # -- passes -------------------------------------------------------------------------------
     def _predict(self, block, phase, stream, stats=None, **plan):
         t0 = time.perf_counter()
-        self.dm.stream = "calib" if stream == "calib" else "eval"
+        self.dm.stream = "calib" if stream in ("calib", "calib_fp") else "eval"   # the same batches
         self.runner.set_block(block, PassPlan(phase, stream, **plan))
         self.trainer.predict(self.runner, datamodule=self.dm, return_predictions=False)
         if stats is not None:
@@ -98,6 +103,8 @@ class LayerWalker:
         for s in self._streams():
             windows = self.dm.windows["calib" if s == "calib" else "eval"]
             self.runner.stores[s] = SampleStore(windows, device_embed, self.opts.cache_device)
+        if self.opts.asymmetric:       # not one of _streams: no head pass, no perplexity
+            self.runner.stores["calib_fp"] = SampleStore(self.dm.windows["calib"], device_embed, self.opts.cache_device)
         n = self.adapter.num_layers(self.model)
         done = self.resume.layers_done if self.resume is not None else 0
         self.prefetch = LayerPrefetcher(self.adapter, self.model, n, pin_memory=self.device.type == "cuda")
@@ -147,6 +154,13 @@ class LayerWalker:
         stats.phases["load"] = time.perf_counter() - t0
         if self.opts.evaluate and self.opts.eval_before:
             self._predict(layer, "propagate", "eval_fp", stats)
+        fp_copy = None          # gptq.asymmetric: the unquantized layer (before any activation hook)
+        if self.opts.asymmetric and replay:
+            if not last:
+                self._predict(layer, "propagate", "calib_fp", stats)
+        elif self.opts.asymmetric:
+            fp_copy = copy.deepcopy(layer)
+        fp = {"fp_block": fp_copy, "fp_stream": "calib_fp"} if fp_copy is not None else {}
         aq_handles = activation_hooks(layer, self.adapter.layer_prefix(i), self.specs)
         if self.opts.evaluate and self.opts.eval_rtn:
             self._predict(self._rtn_copy(i, layer), "propagate", "eval_rtn", stats)
@@ -155,11 +169,15 @@ class LayerWalker:
             stats.restored = True
         else:
             for g, group in enumerate(self._groups(i, layer)):
-                self._predict(layer, "collect", "calib", stats, layer_index=i, group_index=g, group=group)
+                self._predict(layer, "collect", "calib", stats, layer_index=i, group_index=g, group=group, **fp)
                 if self.progress:
                     self.progress(i, g)
             for key, cb in (("hessian", self.collector), ("solve", self.solver)):   # parts of collect+solve
                 stats.phases[key] = getattr(cb, "layer_seconds", {}).pop(i, 0.0)
+        if fp_copy is not None:
+            if not last:
+                self._predict(fp_copy, "propagate", "calib_fp", stats)
+            del fp, fp_copy
         if not last:
             self._predict(layer, "propagate", "calib", stats)
         if self.opts.evaluate:
