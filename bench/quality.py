@@ -76,6 +76,8 @@ OURS = {   # method -> changes from DEFAULTS
     "mse": {"scale_search": "mse"},
     "mse_hdiag": {"scale_search": "mse_hdiag"},
     "act_order+mse": {"act_order": True, "scale_search": "mse"},
+    "act_order+mse+uniform": {"act_order": True, "scale_search": "mse", "hessian": "uniform"},
+    "act_order+mse+routed_sq": {"act_order": True, "scale_search": "mse", "hessian": "routed_sq"},
     "act_order+mse_hdiag": {"act_order": True, "scale_search": "mse_hdiag"},
     # gptq.asymmetric (GPTAQ, alphaquant/gptq/gptaq.py): solve toward the fp layer's outputs on fp inputs
     "act_order+mse+gptaq": {"act_order": True, "scale_search": "mse", "asymmetric": True},
@@ -174,6 +176,9 @@ def run_ours(model_dir, tokens_pt, fmt, seed, opts, args, work: Path, expect_win
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         session.prepare()
         session.run()
+    if "budget" in session.results:
+        b = session.results["budget"]
+        log(f"{fmt}: average {b['average_bits']:.3f} bits (budget {b['budget_bits']}); {b['modules_per_format']}")
     if opts.get("dataset") == "self":     # self-generated windows: llm-compressor's are not them, only their shape
         if session.windows["calib"].shape != expect_windows.shape:
             raise RuntimeError(f"our self-generated windows are {tuple(session.windows['calib'].shape)}, "

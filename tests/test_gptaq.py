@@ -142,8 +142,9 @@ def test_pipeline(checkpoint, monkeypatch):
     off_w = _linears(off)
     seen = _spy(monkeypatch)
     assert not seen
-    on = run_session(write_config(root / "on.yaml", ckpt, corpus, eval={"enabled": False}))     # the default
-    assert on.cfg.gptq.asymmetric is True
+    on = run_session(write_config(root / "on.yaml", ckpt, corpus, eval={"enabled": False},
+                                  gptq={"asymmetric": True}))
+    assert off.cfg.gptq.asymmetric is False
     on_w = _linears(on)
     # layer 0, group 0 (q/k/v): nothing before it is quantized, so X == X̃, P == 0 and plain GPTQ exactly
     first = seen[0]

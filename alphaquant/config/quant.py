@@ -197,9 +197,10 @@ class GptqConfig:
     scale_search: Literal["none", "mse", "mse_hdiag"] = "mse"
     # GPTAQ: solve toward the fp layer's outputs on the fp model's inputs (alphaquant/gptq/gptaq.py) instead of
     # on the quantized model's own inputs; keeps a second calibration cache (fp inputs: 2x that memory) and an
-    # fp copy of the layer being calibrated; not with calibration.hessian all_experts. On by default: it lowered
-    # the W3 g64 perplexity gap on all three bench/quality.py models (README "Quality")
-    asymmetric: bool = True
+    # fp copy of the layer being calibrated; not with calibration.hessian all_experts. It lowered the W3 g64
+    # perplexity gap on all three bench/quality.py models (README "Quality"); off by default until its GPU cost
+    # is measured
+    asymmetric: bool = False
 
     def check(self, path: str) -> None:
         if self.block_size <= 0:
