@@ -16,9 +16,7 @@ FAMILIES = list(tiny.FAMILIES)
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    corpus = tiny.write_corpus(root)
-    return root, corpus, {f: tiny.make_checkpoint(f, root / f) for f in FAMILIES}
+    return tiny.family_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

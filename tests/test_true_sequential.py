@@ -28,9 +28,8 @@ EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    corpus = tiny.write_corpus(root)
-    return corpus, {f: tiny.make_checkpoint(f, root / f) for f in FAMILIES}
+    _, corpus, dirs = tiny.family_checkpoints(tmp_path_factory.mktemp("ckpt"))
+    return corpus, dirs
 
 
 def _spy_hessians(monkeypatch) -> dict:

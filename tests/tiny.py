@@ -60,3 +60,9 @@ def write_corpus(directory: Path) -> Path:
     path = Path(directory) / "corpus.txt"
     path.write_text(corpus_text())
     return path
+
+
+def family_checkpoints(root: Path) -> tuple[Path, Path, dict[str, Path]]:
+    """(root, corpus file, {family: checkpoint dir}) for every family in FAMILIES, under root."""
+    corpus = write_corpus(root)
+    return root, corpus, {f: make_checkpoint(f, root / f) for f in FAMILIES}
