@@ -55,10 +55,8 @@ class HessianCollector(Callback):
     def __init__(self, adapter, mode: str = "routed", asymmetric: bool = False):
         if mode not in MODES:
             raise ValueError(f"calibration.hessian must be one of {MODES}, got {mode!r}")
-        if asymmetric and mode == "all_experts":
-            from alphaquant.errors import ConfigError
-            raise ConfigError("gptq.asymmetric pairs each expert's fp and quantized inputs over its routed tokens; "
-                              "calibration.hessian all_experts has none: use routed, routed_sq or uniform")
+        if asymmetric and mode == "all_experts":      # refused for users by Config.check, before any weight
+            raise ValueError("asymmetric needs routed tokens to pair; mode all_experts has none")
         self.adapter, self.mode, self.asymmetric = adapter, mode, asymmetric
         self.cross: dict[str, torch.Tensor] = {}   # gptq.asymmetric: Hessian key -> raw Σ c (x_fp − x̃) x̃ᵀ
         self._cross_big: dict[tuple, torch.Tensor] = {}   # (block, leaf) -> [E, C, C], rows are cross's views

@@ -102,9 +102,15 @@ def test_asymmetric_objective_is_lower():
     assert asym < 0.9 * plain
 
 
-def test_all_experts_refused():
+def test_all_experts_refused(tmp_path):
+    """Refused by the config check, before any weight is read."""
+    from alphaquant.config.run import load_config
     from alphaquant.errors import ConfigError
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {path: org/model}\ncalibration: {hessian: all_experts}\ngptq: {asymmetric: true}\n")
     with pytest.raises(ConfigError, match="all_experts"):
+        load_config(path)
+    with pytest.raises(ValueError, match="all_experts"):
         HessianCollector(None, mode="all_experts", asymmetric=True)
 
 

@@ -231,6 +231,9 @@ class Config:
             # the name becomes a directory (outputs/<name>, logs/<name>): "" would be outputs/ itself
             raise ConfigError(f"name must be a run name without '/' (it names outputs/<name> and logs/<name>); "
                               f"got {self.name!r}")
+        if self.gptq.asymmetric and self.calibration.hessian == "all_experts":
+            raise ConfigError("gptq.asymmetric pairs each expert's fp and quantized inputs over its routed tokens; "
+                              "calibration.hessian all_experts has none: use routed, routed_sq or uniform")
         if self.calibration.dataset == "self" and self.model.lazy:
             raise ConfigError("calibration.dataset self generates with the whole model in memory; set model.lazy: false")
         if self.output.dir is None:
