@@ -79,12 +79,8 @@ class GPTQSolve(Callback):
     @torch.no_grad()
     def _solve_bucket(self, layer, prefix, spec, stacks):
         sol = self._solve_stacks(layer, prefix, spec, stacks, *self._inputs(layer, prefix, stacks))
-        for e, (key, names) in enumerate(stacks):
-            row = 0
-            for n in names:
-                rows = slice(row, row + layer.get_submodule(n).out_features)
-                row = rows.stop
-                self._keep(layer, prefix, n, sol, e, rows)
+        for e, n, rows in _stack_rows(layer, stacks):
+            self._keep(layer, prefix, n, sol, e, rows)
 
     def _inputs(self, layer, prefix, stacks):
         """(W [E, R, C], H [E, C, C], Hessian states) of a bucket's stacks."""
@@ -148,15 +144,10 @@ class GPTQSolve(Callback):
                 D = sol["Wq"] - W
                 row_loss = torch.einsum("erc,erc->er", D @ (H * scale), D).double().cpu()   # [E, R], fp32 (no TF32)
                 opts[cand] = (sol, row_loss)
-            for e, (key, names) in enumerate(stacks):
-                row = 0
-                for n in names:
-                    m = layer.get_submodule(n)
-                    rows = slice(row, row + m.out_features)
-                    row = rows.stop
-                    shaped = lambda c: replace(c, shape=tuple(m.weight.shape))  # noqa: E731
-                    options.append((n, [(c, sol, e, rows, weight_bits(shaped(c)), float(rl[e, rows].sum()))
-                                        for c, (sol, rl) in opts.items()]))
+            for e, n, rows in _stack_rows(layer, stacks):
+                shape = tuple(layer.get_submodule(n).weight.shape)
+                options.append((n, [(c, sol, e, rows, weight_bits(replace(c, shape=shape)), float(rl[e, rows].sum()))
+                                    for c, (sol, rl) in opts.items()]))
         numel = sum(layer.get_submodule(n).weight.numel() for n, _ in options)
         picks = choose([[o[4] for o in opt] for _, opt in options], [[o[5] for o in opt] for _, opt in options],
                        q.budget_bits * numel)
@@ -166,6 +157,16 @@ class GPTQSolve(Callback):
             self._keep(layer, prefix, n, sol, e, rows, extra={
                 "budget_choice": {"wq": spec.wq, "group_size": spec.group_size, "bits": int(bits), "loss": loss,
                                   "candidates": {o[0].label: o[5] for o in opt}}})
+
+
+def _stack_rows(layer, stacks):
+    """(stack index e, linear name, its rows of the stack): a stack is its linears' weights concatenated by rows."""
+    for e, (_key, names) in enumerate(stacks):
+        row = 0
+        for n in names:
+            rows = slice(row, row + layer.get_submodule(n).out_features)
+            row = rows.stop
+            yield e, n, rows
 
 
 def _check_finite(W, H, stacks, prefix):
