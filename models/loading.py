@@ -50,7 +50,7 @@ def _looks_like_hub_id(path_or_id: str | os.PathLike) -> bool:
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
 
 
-def _hub_failure(text: str, e: Exception) -> str:
+def _hub_failure(e: Exception) -> str:
     """Why a hub id could not be fetched, in one clause (huggingface_hub's own messages run to several lines)."""
     from huggingface_hub import errors
 
@@ -90,7 +90,7 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike, weights: bool = True) 
         raise FileNotFoundError(
             f"{text!r} is not a local directory (there is no '{Path.cwd() / path}'; a relative path is resolved "
             f"against the current directory) and could not be fetched from the Hugging Face Hub "
-            f"({_hub_failure(text, e)}).") from e
+            f"({_hub_failure(e)}).") from e
 
 
 class HubHeaders(CheckpointReader):
@@ -101,7 +101,7 @@ class HubHeaders(CheckpointReader):
     def __init__(self, repo_id: str, revision: str | None = None) -> None:
         import huggingface_hub
 
-        from .common.checkpoint import _INTEGER_DTYPES, _WEIGHT_KEY
+        from .common.checkpoint import check_float_weight
 
         self.directory = f"'{repo_id}' (Hugging Face Hub)"
         self._handles, self._checked = {}, set()
@@ -117,17 +117,13 @@ class HubHeaders(CheckpointReader):
                 raise CheckpointError(f"a safetensors header of the hub model {repo_id!r} is corrupt "
                                       f"({(str(e).splitlines() or [''])[0]}); it cannot be quantized") from None
             raise FileNotFoundError(f"the safetensors headers of {repo_id!r} could not be read from the Hugging "
-                                    f"Face Hub ({_hub_failure(repo_id, e)}).") from e
+                                    f"Face Hub ({_hub_failure(e)}).") from e
         self.key_to_file = dict(meta.weight_map)
         self._info = {}
         for file, fmeta in meta.files_metadata.items():
             for key, info in fmeta.tensors.items():
                 self._info[key] = info
-                if _WEIGHT_KEY.search(key) and info.dtype in _INTEGER_DTYPES:
-                    raise CheckpointError(
-                        f"the tensor {key!r} in '{file}' of {repo_id!r} is stored as {info.dtype}, an integer type; "
-                        f"model weights must be floating point (F32, F16, BF16 or F8_*): is this checkpoint "
-                        f"already quantized? point model.path at the unquantized model")
+                check_float_weight(key, info.dtype, f"'{file}' of {repo_id!r}")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._info[key].shape)

@@ -34,16 +34,21 @@ _WEIGHT_KEY = re.compile(r"(\.weight|\.bias|\.experts\.gate_up_proj|\.experts\.d
 _INTEGER_DTYPES = ("BOOL", "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
 
 
+def check_float_weight(key: str, dtype: str, where: str) -> None:
+    """CheckpointError when `key` is a model weight stored with an integer safetensors dtype (`where`: the
+    file it is in, as the message names it)."""
+    if _WEIGHT_KEY.search(key) and dtype in _INTEGER_DTYPES:
+        raise CheckpointError(
+            f"the tensor {key!r} in {where} is stored as {dtype}, an integer type; model weights must be "
+            f"floating point (F32, F16, BF16 or F8_*): is this checkpoint already quantized? point "
+            f"model.path at the unquantized model")
+
+
 def _check_float_weights(handle, path: Path) -> None:
     """CheckpointError naming the first weight stored with an integer dtype (read from the header only)."""
     for key in handle.keys():
         if _WEIGHT_KEY.search(key):
-            dtype = handle.get_slice(key).get_dtype()
-            if dtype in _INTEGER_DTYPES:
-                raise CheckpointError(
-                    f"the tensor {key!r} in '{path}' is stored as {dtype}, an integer type; model weights must be "
-                    f"floating point (F32, F16, BF16 or F8_*): is this checkpoint already quantized? point "
-                    f"model.path at the unquantized model")
+            check_float_weight(key, handle.get_slice(key).get_dtype(), f"'{path}'")
 
 
 def _corrupt(path: Path, e: Exception) -> CheckpointError:
