@@ -250,7 +250,8 @@ def our_config(args, work: Path) -> dict:
                       [{"pattern": "model.layers.0.mlp.down_proj", "wq": "int4/64"}]
                       if args.family == "deepseek" and not args.quick else [])},
         "gptq": {"block_size": 128, "damp": 0.01, "act_order": bool(args.act_order), "static_groups": True,
-                 "true_sequential": True, "sweep": args.sweep, "scale_search": args.scale_search},
+                 "true_sequential": True, "sweep": args.sweep, "scale_search": args.scale_search,
+                 "asymmetric": bool(args.asymmetric)},
         "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": args.devices,
                     "strategy": "ddp" if args.devices > 1 else "auto"},
         "logging": {"wandb": {"mode": "disabled"}, "csv": {"enabled": False}},
@@ -625,7 +626,7 @@ def stage_argv(args) -> list[str]:
     argv = ["--family", args.family, "--device", args.device, "--devices", str(args.devices), "--samples", str(args.samples),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--hessian", args.hessian,
             "--act-order", str(args.act_order), "--seed", str(args.seed), "--sweep", args.sweep,
-            "--scale-search", args.scale_search,
+            "--scale-search", args.scale_search, "--asymmetric", str(args.asymmetric),
             "--switch-interval", str(args.switch_interval), "--cache-device", args.cache_device]
     if args.no_save:
         argv.append("--no-save")
@@ -655,6 +656,8 @@ def main(argv=None) -> dict:
                    help="our gptq.scale_search (default: the shipped default; none = group extremes, as llm-compressor)")
     p.add_argument("--act-order", type=int, default=1,
                    help="our gptq.act_order (1: static-group act order, what llm-compressor's W4A16 does by default)")
+    p.add_argument("--asymmetric", type=int, default=0,
+                   help="our gptq.asymmetric (1: GPTAQ, the solve targets the fp layer on fp inputs; off by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep", default="auto", choices=["auto", "torch"],
                    help="our gptq.sweep (auto: the fused Triton sweep on a GPU; torch: torch ops, as before)")
