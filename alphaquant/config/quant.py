@@ -201,8 +201,16 @@ class GptqConfig:
     # perplexity gap on all three bench/quality.py models (README "Quality"); off by default until its GPU cost
     # is measured
     asymmetric: bool = False
+    # experts of a bucket (stacks of one shape and format) per GPTQ solve call: the solve's Hessian-sized
+    # temporaries scale with it (callbacks/solve.py). 0 = all at once (fastest); N = N at a time (less GPU
+    # memory, e.g. 1 or 2 for Mixtral-8x7B's down_proj on a 24 GB GPU); auto = all at once unless the GPU's
+    # free memory at the solve is short, then the largest chunk that fits (all on CPU). Same results either way
+    expert_chunk: int | Literal["auto"] = "auto"
 
     def check(self, path: str) -> None:
+        if isinstance(self.expert_chunk, int) and self.expert_chunk < 0:
+            raise ConfigError(f"{path}.expert_chunk must be auto, 0 (all experts of a bucket in one solve) or a "
+                              f"positive number of experts per solve; got {self.expert_chunk}")
         if self.block_size <= 0:
             raise ConfigError(f"{path}.block_size must be > 0; got {self.block_size}")
         if not 0.0 <= self.damp <= 1.0:

@@ -69,6 +69,8 @@ def fingerprint(cfg) -> dict[str, str]:
     d = cfg.to_dict()
     keep = {k: d[k] for k in ("model", "calibration", "quant", "gptq", "seed")}
     keep["calibration"] = {k: v for k, v in keep["calibration"].items() if k not in ("batch_size", "min_tokens_warn")}
+    keep["gptq"] = {k: v for k, v in keep["gptq"].items() if k != "expert_chunk"}   # how many experts per solve call:
+    # the same weights (tests/test_expert_chunk.py), so a run resumes under another chunk
     keep["version"] = STATE_VERSION
     parts = {"config": _digest(json.dumps(keep, sort_keys=True, default=str).encode())}
     model_dir = cfg.model.local_dir
