@@ -251,7 +251,8 @@ def our_config(args, work: Path) -> dict:
                       if args.family == "deepseek" and not args.quick else [])},
         "gptq": {"block_size": 128, "damp": 0.01, "act_order": bool(args.act_order), "static_groups": True,
                  "true_sequential": True, "sweep": args.sweep, "scale_search": args.scale_search,
-                 "asymmetric": bool(args.asymmetric)},
+                 "asymmetric": bool(args.asymmetric),
+                 "expert_chunk": int(args.expert_chunk) if args.expert_chunk.isdigit() else args.expert_chunk},
         "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": args.devices,
                     "strategy": "ddp" if args.devices > 1 else "auto"},
         "logging": {"wandb": {"mode": "disabled"}, "csv": {"enabled": False}},
@@ -289,6 +290,9 @@ def stage_ours(args, work: Path) -> dict:
         sys.setswitchinterval(args.switch_interval)
     path = work / stage_result_name(args, "ours").replace(".json", ".yaml")
     path.write_text(yaml.safe_dump(our_config(args, work), sort_keys=False))
+    if args.device == "cuda" and args.gpu_memory_gib > 0:    # emulate a smaller GPU, before anything is allocated
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, args.gpu_memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     prof = None
@@ -627,7 +631,8 @@ def stage_argv(args) -> list[str]:
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--hessian", args.hessian,
             "--act-order", str(args.act_order), "--seed", str(args.seed), "--sweep", args.sweep,
             "--scale-search", args.scale_search, "--asymmetric", str(args.asymmetric),
-            "--switch-interval", str(args.switch_interval), "--cache-device", args.cache_device]
+            "--switch-interval", str(args.switch_interval), "--cache-device", args.cache_device,
+            "--expert-chunk", args.expert_chunk, "--gpu-memory-gib", str(args.gpu_memory_gib)]
     if args.no_save:
         argv.append("--no-save")
     if args.quick:
@@ -665,6 +670,11 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-device", default="auto", choices=["auto", "gpu", "cpu"],
                    help="our calibration.cache_device (cpu: the cached layer inputs/outputs in pinned host memory, "
                         "one batch at a time on the GPU: less GPU memory, a copy per batch and pass)")
+    p.add_argument("--expert-chunk", default="auto",
+                   help="our gptq.expert_chunk: auto, 0 (all experts of a bucket in one solve) or N experts at a time")
+    p.add_argument("--gpu-memory-gib", type=float, default=0.0,
+                   help="our stage may use only this much GPU memory (torch.cuda.set_per_process_memory_fraction; "
+                        "e.g. 24 emulates a 24 GB card on an H200); 0 = the whole GPU")
     p.add_argument("--no-save", action="store_true", help="our run writes no checkpoint and no resume state (diagnostics)")
     p.add_argument("--switch-interval", type=float, default=0.0,
                    help="sys.setswitchinterval in our run (0: Python's default); diagnostics of thread contention")
