@@ -29,13 +29,12 @@ def tokens_per_expert(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 class RoutePlan(ExpertRoute):
-    """The model's one-sort routing (`ExpertRoute`: `token_idx`, `weights`, `counts`, `rows(e)`) plus what
-    the routed Hessians need: `experts` [N], the expert of each sorted row, and the weights in float32.
+    """The model's one-sort routing (`ExpertRoute`: `token_idx`, `weights`, `counts`, `rows(e)`, `experts` [N]
+    the expert of each sorted row) with the weights in float32, as the routed Hessians take them.
     Rows `rows(e)` are expert e's tokens (increasing) and routing weights, exactly the rows
     `expert_token_weights(ids, w, e)` gives (and the order in which the expert receives them).
     """
 
     def __init__(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
         super().__init__(topk_ids, topk_weights, num_experts)
-        self.experts = topk_ids.reshape(-1)[self.order]                  # [N]
         self.weights = self.weights.float()                              # [N]

@@ -7,6 +7,15 @@ shared-expert gate after the shared expert). on_predict_end removes every hook a
 Hessians and token counts across DDP ranks: one all_reduce per Hessian in a fixed order on
 every rank, never inside a per-batch hook (ranks can have uneven batch counts).
 
+Routed experts without per-expert hooks: an expert's gate/up read the block input at its routed tokens, so
+their Hessians come from the block input and the routing without hooking (or, with early stop, even running)
+the experts; its down_proj reads act(gate)·up, which a local family's block (models/common/moe.py) hands out for
+all experts at once through the parameter-free hook point `<block>.expert_act` on its grouped experts path, rows
+sorted by expert as RoutePlan sorts them. Either way the Hessians are those the per-expert hooks would give
+(bit for bit on CPU), and no expert linear carries a collector hook, so the block can run its experts as
+grouped matmuls. Per-expert pre-hooks remain where that does not hold (activation-quantization hooks on an
+expert linear, the generic path's experts, a block whose grouped path is blocked, all_experts).
+
 Linears that read the same tensor share one Hessian ("key", see callbacks/hooks.py): routed
 experts' gate/up by the adapter's MoE blocks, every other linear by the tensor its pre-hook saw
 on the first batch of the first pass with its group (compared on every later batch).
@@ -66,6 +75,7 @@ class HessianCollector(Callback):
         self.keys: dict[str, str] = {}
         self.routed_tokens: dict[str, torch.Tensor] = {}   # block -> [num_experts] tokens this group
         self._handles, self._inputs, self._routing, self._gates, self._block_in = [], [], {}, {}, {}
+        self._acts: dict[str, torch.Tensor] = {}     # block -> this forward's expert_act rows [T*k, I]
         self.layer_seconds: dict[int, float] = {}   # layer index -> Hessian-update seconds (the walker pops them)
         self._timer = None
         self.early_stop = True       # stop each collect forward once the group's inputs exist
@@ -103,7 +113,7 @@ class HessianCollector(Callback):
         self.routed_tokens = {b.name: torch.zeros(b.num_experts, dtype=torch.long, device=runner.device)
                               for b in self.blocks}
         for name in group:
-            if name not in self._from_block_input:
+            if name not in self._from_block_input and name not in self._from_expert_act:
                 self._hook_input(layer, name)
         for b in self.blocks:
             self._hook_routing(layer, b)
@@ -221,6 +231,35 @@ class HessianCollector(Callback):
                 self.batched[(b.name, leaf)] = (big, experts, from_input)
                 if from_input:
                     self._from_block_input.update(members)
+        self._via_act, self._from_expert_act = set(), set()
+        if self.mode == "all_experts":
+            return
+        for (block, leaf), (_big, experts, _from_input) in self.batched.items():
+            b = next(bl for bl in self.blocks if bl.name == block)
+            members = [n for n in self.keys if self.sources[n].kind == "expert" and self.sources[n].block == block
+                       and self.keys[n] in experts.values()]
+            # every other expert linear of this block in the group is fed from the block input (no hook), and the
+            # block will take its grouped path (nothing hooks or wraps its experts): its expert_act gives the rows
+            others = [n for n in self.keys if self.sources[n].kind == "expert" and self.sources[n].block == block
+                      and n not in members]
+            if (leaf == b.proj_names[2] and all(n.rsplit(".", 1)[1] == leaf for n in members)
+                    and all(n in self._from_block_input for n in others) and self._act_point(layer, b) is not None):
+                self._via_act.add((block, leaf))
+                self._from_expert_act.update(members)
+
+    @staticmethod
+    def _act_point(layer, b):
+        """The block's `expert_act` hook point if its grouped experts path will run (else None: hook per expert)."""
+        from alphaquant.models.common.moe import ExpertActivations
+
+        blk = layer.get_submodule(b.name)
+        act = getattr(blk, "expert_act", None)
+        if not isinstance(act, ExpertActivations) or getattr(blk, "experts_impl", "loop") == "loop":
+            return None
+        gate = layer.get_submodule(f"{b.expert_prefixes[min(b.expert_prefixes)]}.{b.proj_names[0]}")
+        probe = torch.empty(1, gate.in_features, dtype=gate.weight.dtype, device=gate.weight.device)
+        with torch.no_grad():                   # the collect forward records no graph
+            return act if blk.grouped_blocker(probe) is None else None
 
     # -- gptq.asymmetric -----------------------------------------------------------------------
     def _hook_fp(self, fp):
@@ -275,6 +314,10 @@ class HessianCollector(Callback):
             def gate(_mod, _args, out):
                 self._gates[b.name] = torch.sigmoid(out.float()).reshape(-1)
             self._handles.append(layer.get_submodule(b.shared_gate).register_forward_hook(gate))
+        if any(k[0] == b.name for k in self._via_act):
+            def acts(_mod, _args, out):
+                self._acts[b.name] = out
+            self._handles.append(layer.get_submodule(b.name).expert_act.register_forward_hook(acts))
         if self.mode == "all_experts" or any(k[0] == b.name and v[2] for k, v in self.batched.items()):
             def block_in(_mod, args):
                 self._block_in[b.name] = args[0].reshape(-1, args[0].shape[-1])
@@ -329,6 +372,9 @@ class HessianCollector(Callback):
         for (block, leaf), xs in expert_rows.items():
             self._add_routed(block, leaf, xs, plans[block])
         if self.mode != "all_experts":
+            for block, leaf in self._via_act:
+                if block in plans:
+                    self._add_from_act(block, leaf, plans[block])
             for (block, leaf), (big, experts, from_input) in self.batched.items():
                 if from_input:
                     plan = plans[block]
@@ -340,7 +386,7 @@ class HessianCollector(Callback):
         else:
             self._flush_all_experts(layer)
             self._inputs.clear()      # the expert re-runs above re-fired the routed input hooks
-        self._routing.clear(), self._gates.clear(), self._block_in.clear(), self._fp_in.clear()
+        self._routing.clear(), self._gates.clear(), self._block_in.clear(), self._fp_in.clear(), self._acts.clear()
 
     def _prefix(self, src: Source) -> str:
         return next(b for b in self.blocks if b.name == src.block).expert_prefixes[src.expert]
@@ -374,6 +420,27 @@ class HessianCollector(Callback):
             if self.asymmetric:
                 X_fp = torch.cat([self._fp_expert_rows(block, leaf, e, plan) for e in sorted(xs)])
                 accumulate_cross_segments(self._cross_big[(block, leaf)], X_fp, X, counts, self._power(w))
+
+    def _add_from_act(self, block, leaf, plan: RoutePlan):
+        """The block's expert_act rows (all experts' down inputs, the plan's row order) into the batched state."""
+        big, experts, _ = self.batched[(block, leaf)]
+        E = big.H.shape[0]
+        act = self._acts.get(block)
+        if act is None:
+            raise RuntimeError(f"{block}.expert_act did not run although {block} routed tokens: the block took its "
+                               f"per-expert loop, so the down_proj inputs of its experts were not seen")
+        if act.shape[0] != plan.order.numel():
+            raise RuntimeError(f"{block}.expert_act gave {act.shape[0]} rows but its router sent {plan.order.numel()}")
+        _, counts, w, ex = self._select(plan, experts, E)
+        if len(experts) == E:
+            X = act
+        else:
+            parts = [act[plan.rows(e)] for e in sorted(experts) if plan.counts[e]]
+            X = torch.cat(parts) if parts else act[:0]
+        accumulate_segments(big, X, counts, self._power(w), ex)
+        if self.asymmetric and X.shape[0]:
+            X_fp = torch.cat([self._fp_expert_rows(block, leaf, e, plan) for e in sorted(experts) if plan.counts[e]])
+            accumulate_cross_segments(self._cross_big[(block, leaf)], X_fp, X, counts, self._power(w))
 
     def _power(self, w: torch.Tensor | None) -> torch.Tensor | None:
         """Routing weights as this mode weights the tokens (None: each token counts 1)."""

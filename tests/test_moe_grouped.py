@@ -310,3 +310,90 @@ def test_cuda_grouped_forward_has_no_host_sync():
             block(x)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- the collector's down_proj Hessians from <block>.expert_act (callbacks/hessian.py) ------------------------
+
+from alphaquant.callbacks.hessian import HessianCollector  # noqa: E402
+from pipeline_utils import run_session, write_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    corpus = tiny.write_corpus(root)
+    return corpus, {f: tiny.make_checkpoint(f, root / f) for f in ("mixtral", "qwen2_moe", "deepseek_moe")}
+
+
+def _collect(monkeypatch, cfg_path, hooked: bool):
+    """Run a session; per collect pass {key: (H, n_tokens, weight_sum, P or None)}, the passes that took the
+    down inputs from expert_act, and the final weights. hooked=True: per-expert down_proj hooks (the reference)."""
+    passes, via_act = [], []
+    end, add = HessianCollector.on_predict_end, HessianCollector._add_from_act
+
+    def on_predict_end(self, trainer, runner):
+        end(self, trainer, runner)
+        if runner.plan.phase == "collect":
+            passes.append({k: (st.H.clone(), st.n_tokens.clone(), st.weight_sum.clone(),
+                               self.cross[k].clone() if k in self.cross else None) for k, st in self.states.items()})
+
+    def add_from_act(self, block, leaf, plan):
+        via_act.append((block, leaf))
+        return add(self, block, leaf, plan)
+    with monkeypatch.context() as m:
+        m.setattr(HessianCollector, "on_predict_end", on_predict_end)
+        m.setattr(HessianCollector, "_add_from_act", add_from_act)
+        if hooked:
+            m.setattr(HessianCollector, "_act_point", staticmethod(lambda layer, b: None))
+        session = run_session(cfg_path)
+    weights = {n: m.weight.detach().clone() for n, m in session.model.named_modules() if isinstance(m, nn.Linear)}
+    return passes, via_act, weights
+
+
+@pytest.mark.parametrize("family, gptq", [("mixtral", {}), ("qwen2_moe", {"asymmetric": True}),
+                                          ("deepseek_moe", {"true_sequential": False})])
+def test_down_hessians_from_expert_act_equal_per_expert_hooks(family, gptq, checkpoints, tmp_path, monkeypatch):
+    """float32, CPU: the down_proj Hessians (and GPTAQ's cross sums, token counts, weight sums) the collector
+    builds from the block's expert_act rows equal, bit for bit, those from a pre-hook on every expert's down_proj;
+    so do the quantized weights of the whole run."""
+    corpus, dirs = checkpoints
+    cfg = write_config(tmp_path / "run.yaml", dirs[family], corpus, gptq=gptq, eval={"enabled": False},
+                       calibration={"num_samples": 4, "seq_len": 32}, logging={"csv": {"enabled": False}})
+    got, via_act, w_got = _collect(monkeypatch, cfg, hooked=False)
+    ref, via_ref, w_ref = _collect(monkeypatch, cfg, hooked=True)
+    assert via_act and not via_ref                       # the new path ran; the reference hooked every down_proj
+    assert {leaf for _b, leaf in via_act} == {"w2" if family == "mixtral" else "down_proj"}
+    assert len(got) == len(ref)
+    downs = 0
+    for g, r in zip(got, ref):
+        assert g.keys() == r.keys()
+        for k in g:
+            for a, b in zip(g[k], r[k]):
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), k
+            downs += k.endswith(("w2", "down_proj")) and ".experts." in k and bool(g[k][1] > 0)
+    assert downs > 0
+    if gptq.get("asymmetric"):
+        assert any(v[3] is not None and v[3].any() for p in got for k, v in p.items() if k.endswith("down_proj"))
+    assert all(torch.equal(w_got[n], w_ref[n]) for n in w_ref)
+
+
+def test_expert_act_sees_all_experts_down_inputs():
+    """The hook point's rows are exactly what pre-hooks on every expert's down_proj see, in expert order."""
+    block = moe_block(family_model("qwen2_moe"))
+    x = tokens().reshape(-1, 64)
+    acts, downs = [], {}
+    h = block.expert_act.register_forward_hook(lambda m, a, out: acts.append(out))
+    with torch.no_grad():
+        block(x)                                  # auto on CPU: the hook on expert_act asks for the grouped path
+    h.remove()
+    assert block.last_experts_impl == "grouped" and len(acts) == 1
+    handles = [m.down_proj.register_forward_pre_hook(lambda mod, a, e=e: downs.update({e: a[0]}))
+               for e, m in enumerate(block.experts)]
+    with torch.no_grad():
+        block(x)
+        ids, w = block.router(block.gate(x))
+    for hd in handles:
+        hd.remove()
+    route = ExpertRoute(ids, w, block.num_experts)
+    assert torch.equal(acts[0], torch.cat([downs[e] for e in sorted(downs)]))
+    assert all(torch.equal(acts[0][route.rows(e)], downs[e]) for e in downs)

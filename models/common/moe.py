@@ -13,6 +13,12 @@ Hook contract (what the calibration callbacks rely on):
   expert instead receives all T tokens, in order, and unrouted tokens get weight 0 in the output.)
 * Qwen2-MoE: ``<block>.shared_gate_act`` (parameter-free sigmoid) returns the [T, 1] factor that scales the
   shared expert's output; its hook sees the weight each token gives the shared expert.
+* ``<block>.expert_act`` (parameter-free identity, `ExpertActivations`) is called on the grouped path (below)
+  with the down_proj inputs of all routed experts at once, act(gate(x))·up(x) [T*k, I], rows sorted by expert as
+  `ExpertRoute` sorts them (expert e's rows `rows(e)`, its tokens increasing): a forward hook on it sees what
+  hooks on every expert's down_proj would see, concatenated in expert order. The loop never calls it;
+  ``grouped_blocker`` says whether a forward takes the grouped path (a forward hook on ``expert_act`` makes
+  "auto" take it on CPU too).
 
 The routed experts run one of two ways, with the same result (``SparseMoeBlock.experts_impl``):
 
@@ -66,6 +72,13 @@ class TopKRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"
+
+
+class ExpertActivations(nn.Module):
+    """The routed experts' down_proj inputs [T*k, I] on the grouped path, returned unchanged (a hook point)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h
 
 
 class SharedGateAct(nn.Sigmoid):
@@ -216,9 +229,9 @@ class SparseMoeBlock(nn.Module):
     ``shared_expert`` / ``shared_experts`` and ``shared_expert_gate``.
 
     ``experts_impl``: "auto" (default) runs the routed experts as grouped matmuls on an accelerator (on CPU
-    only with ``GROUPED_ON_CPU``) whenever `grouped_blocker` finds nothing that needs the expert modules to
-    run, else the per-expert loop; "loop" always the loop; "grouped" always grouped (a RuntimeError naming
-    the blocker otherwise, on CPU too).
+    only with ``GROUPED_ON_CPU`` or a hook on ``expert_act``) whenever `grouped_blocker` finds nothing that
+    needs the expert modules to run, else the per-expert loop; "loop" always the loop; "grouped" always
+    grouped (a RuntimeError naming the blocker otherwise, on CPU too).
     ``last_experts_impl`` says which one the latest forward took ("grouped" / "loop").
     """
 
@@ -237,6 +250,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_gate_act = SharedGateAct()
         # Calibration option: run every expert on every token (outputs of unrouted tokens weighted 0).
         self.route_all_tokens = False
+        self.expert_act = ExpertActivations()
         self.experts_impl = "auto"
         self.last_experts_impl: str | None = None
 
@@ -277,7 +291,8 @@ class SparseMoeBlock(nn.Module):
                 if lin.bias is not None:
                     return f"experts.{e}.{n} has a bias"
                 if lin.weight.dtype != x.dtype or lin.weight.device != x.device:
-                    return f"experts.{e}.{n} is {lin.weight.dtype} on {lin.weight.device}, the input {x.dtype} on {x.device}"
+                    return (f"experts.{e}.{n} is {lin.weight.dtype} on {lin.weight.device}, "
+                            f"the input {x.dtype} on {x.device}")
         gate, _, down = (self.experts[0]._modules[n] for n in names)
         if not grouped_mm_accepts(x.device, x.dtype, gate.in_features, gate.out_features) \
                 or down.in_features != gate.out_features or down.out_features != gate.in_features:
@@ -292,7 +307,9 @@ class SparseMoeBlock(nn.Module):
         impl = self.experts_impl
         if impl not in EXPERTS_IMPLS:
             raise ValueError(f"experts_impl must be one of {EXPERTS_IMPLS}, got {impl!r}")
-        if impl == "loop" or (impl == "auto" and x.device.type == "cpu" and not GROUPED_ON_CPU):
+        act_hooked = bool(self.expert_act._forward_hooks or self.expert_act._forward_pre_hooks)
+        cpu_loop = x.device.type == "cpu" and not GROUPED_ON_CPU and not act_hooked
+        if impl == "loop" or (impl == "auto" and cpu_loop):
             blocker = "loop"
         else:
             blocker = self.grouped_blocker(x)
@@ -347,6 +364,7 @@ class SparseMoeBlock(nn.Module):
         h = F.silu(mm(xs, stacked(g), offs=offs))                                         # (T*k, I)
         h.mul_(mm(xs, stacked(u), offs=offs))
         del xs
+        h = self.expert_act(h)
         y = mm(h, stacked(d), offs=offs)                                                  # (T*k, H)
         del h
         # in place: computed in the promoted dtype (fp32 for Mixtral's weights) and rounded once to x's, as the
