@@ -57,10 +57,14 @@ FORMATS = {   # name -> (quant.default, quant.overrides, llm-compressor config g
     "mxfp4": ({"wq": "int4", "group_size": 128, "sym": True}, [{"pattern": "*.experts.*", "wq": "mxfp4"}], "mxfp4"),
     # quant.budget_bits (alphaquant/gptq/budget.py): per module one of int2/3/4/8 at group 64 (2.25/3.25/4.25/8.25
     # bits incl. fp16 scales), least routing-weighted output error within the average; ours only (no llmc kind)
+    # the uniform recipes of the budgets' sizes (16-bit scales: g32 = 3.5 bits; per row 3 + 16/C, 3.125 at C = 128)
+    "w3g32": ({"wq": "int3", "group_size": 32, "sym": True}, [], None),
+    "w3pc": ({"wq": "int3", "group_size": -1, "sym": True}, [], None),
     "budget3.0": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
     "budget3.25": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
     "budget3.5": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
 }
+GRID_FORMATS = ("w3g64", "w4g64", "w4g128", "mxfp4")
 BUDGETS = {f: {"budget_bits": float(f[6:]), "budget_candidates": ["int2", "int3", "int4", "int8"]}
            for f in FORMATS if f.startswith("budget")}
 DEFAULTS = {"act_order": False, "damp": 0.01, "true_sequential": True, "scale_search": "none", "hessian": "routed"}
@@ -81,6 +85,7 @@ OURS = {   # method -> changes from DEFAULTS
     "act_order+mse_hdiag": {"act_order": True, "scale_search": "mse_hdiag"},
     # gptq.asymmetric (GPTAQ, alphaquant/gptq/gptaq.py): solve toward the fp layer's outputs on fp inputs
     "act_order+mse+gptaq": {"act_order": True, "scale_search": "mse", "asymmetric": True},
+    "act_order+mse+routed_sq+gptaq": {"act_order": True, "scale_search": "mse", "hessian": "routed_sq", "asymmetric": True},
     # calibration.dataset self (EBSS, alphaquant/data_self.py): windows the fp model writes itself, expert-balanced
     "act_order+mse+ebss": {"act_order": True, "scale_search": "mse", "dataset": "self"},
     "act_order+mse+routed_sq+ebss": {"act_order": True, "scale_search": "mse", "hessian": "routed_sq", "dataset": "self"},
@@ -354,8 +359,8 @@ def bench_model(arch: str, model_dir: Path, args, work: Path, llmc_py: str | Non
         for seed in args.seeds:
             windows = calibration_windows(tokens, args.samples, args.seq_len, seed=seed)
             for method in args.methods:
-                if method in ("fp", "rtn", "rtn_mse") or (method == "llmc" and llmc_py is None):
-                    continue
+                if method in ("fp", "rtn", "rtn_mse") or (method == "llmc" and (llmc_py is None or FORMATS[fmt][2] is None)):
+                    continue            # llmc: not importable, or a format it has no scheme for (ours only)
                 t0 = time.perf_counter()
                 extra = {}
                 if method == "llmc":
@@ -478,7 +483,8 @@ def merge(args, argv) -> dict:
 def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(ARCHS[:3]))
-    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--formats", default=",".join(GRID_FORMATS),
+                   help=f"default: the grid {','.join(GRID_FORMATS)}; also {','.join(f for f in FORMATS if f not in GRID_FORMATS)}")
     p.add_argument("--methods", default=",".join(["fp", "rtn", "rtn_mse", "llmc", *OURS]))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
