@@ -26,10 +26,22 @@ def upper_cholesky_of_inverse(H: torch.Tensor):
     inverse, about half the flops, and only one factorisation that can fail.
     info [E] int: nonzero where H was not positive definite.
     """
-    L, info = torch.linalg.cholesky_ex(H.flip(-2, -1))                 # [E, C, C] lower
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device).expand_as(H)
+    return _upper_inverse_of_flipped(H.flip(-2, -1))
+
+
+def _upper_inverse_of_flipped(F: torch.Tensor, shift: torch.Tensor | None = None):
+    """`upper_cholesky_of_inverse(J F J + shift·I)` from F = J H J, a tensor this function owns (its diagonal
+    is damped in place: J (H + sI) J = J H J + sI). Each O(C²) intermediate is dropped as soon as the next
+    exists, so at most two of F's size live here at once (F or L, then L or L⁻¹, then L⁻¹ or U)."""
+    if shift is not None:
+        F.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+    L, info = torch.linalg.cholesky_ex(F)                               # [E, C, C] lower
+    del F
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)          # [E, C, C] lower
+    del L, eye
     U = Linv.flip(-2, -1)
+    del Linv
     bad = (info != 0) | ~torch.isfinite(torch.linalg.vector_norm(U, float("inf"), dim=(-2, -1)))
     return U, bad
 
@@ -50,23 +62,34 @@ def damped_inverse_factor(H: torch.Tensor, damp: float, max_damp: float, damp_st
     Hinv = I (round-to-nearest in the sweep); their damp_used is the last λ tried.
     Host syncs happen here (once per damping attempt), never inside the column sweep.
     """
-    E, C, _ = H.shape
-    lam = torch.full((E,), damp, dtype=H.dtype, device=H.device)       # [E]
-    mean_diag = H.diagonal(dim1=-2, dim2=-1).mean(-1)                  # [E]
-    eye = torch.eye(C, dtype=H.dtype, device=H.device)
-    Hinv = torch.empty_like(H)
-    todo = torch.arange(E, device=H.device)                            # experts not yet solved
+    return damped_inverse_factor_flipped(lambda idx: (H if idx is None else H[idx]).flip(-2, -1),
+                                         H.diagonal(dim1=-2, dim2=-1).mean(-1), damp, max_damp, damp_step)
+
+
+def damped_inverse_factor_flipped(flipped, mean_diag: torch.Tensor, damp: float, max_damp: float,
+                                  damp_step: float = 10.0):
+    """`damped_inverse_factor` of an H given as `flipped(idx)` -> J H[idx] J, a fresh tensor this function
+    consumes (idx None: every expert; else an index tensor of the experts whose Cholesky is retried), and
+    mean_diag [E] = H.diagonal(dim1=-2, dim2=-1).mean(-1). The solver builds J H J straight from the
+    collected Hessians (gptq/solver.py), so no undamped or damped full copy of H is kept beside it."""
+    E, dtype, device = mean_diag.shape[0], mean_diag.dtype, mean_diag.device
+    lam = torch.full((E,), damp, dtype=dtype, device=device)          # [E]
+    Hinv, todo = None, None                                            # todo None: every expert
     while True:
-        Hd = H[todo] + (lam[todo] * mean_diag[todo])[:, None, None] * eye
-        U, bad = upper_cholesky_of_inverse(Hd)
-        Hinv[todo] = U
-        next_lam = lam[todo] * damp_step
+        idx = torch.arange(E, device=device) if todo is None else todo
+        U, bad = _upper_inverse_of_flipped(flipped(todo), lam[idx] * mean_diag[idx])
+        if Hinv is None:
+            Hinv = U
+        else:
+            Hinv[todo] = U
+        del U
+        next_lam = lam[idx] * damp_step
         retry = bad & (next_lam <= max_damp * (1 + 1e-6))
         if not bool(retry.any()):
             break
-        lam[todo[retry]] = next_lam[retry]
-        todo = todo[retry]
-    failed = torch.zeros(E, dtype=torch.bool, device=H.device)
-    failed[todo[bad]] = True
-    Hinv[failed] = eye
+        lam[idx[retry]] = next_lam[retry]
+        todo = idx[retry]
+    failed = torch.zeros(E, dtype=torch.bool, device=device)
+    failed[idx[bad]] = True
+    Hinv[failed] = torch.eye(Hinv.shape[-1], dtype=Hinv.dtype, device=device)
     return Hinv, lam.float(), failed

@@ -24,7 +24,7 @@ from alphaquant.formats.base import Format, QParams, QTensor
 from . import fused_sweep
 from .scale_search import MODES as SCALE_SEARCH_MODES
 from .scale_search import choose_params
-from .linalg import CHOLESKY_FAILED, NO_TOKENS, damped_inverse_factor, fix_dead_columns
+from .linalg import CHOLESKY_FAILED, NO_TOKENS, damped_inverse_factor_flipped
 from .sweep import DynamicColumnParams, StaticColumnParams, cat_group_params, gptq_sweep, map_tensors
 
 
@@ -80,19 +80,46 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float
 
 
 def _prepare_hessian(H3: torch.Tensor, dtype, damp: float, max_damp: float, act_order: bool):
-    """-> (Hinv [E, C, C] in processing order, perm [E, C] | None, damp_used [E], fallback)."""
+    """-> (Hinv [E, C, C] in processing order, perm [E, C] | None, damp_used [E], fallback).
+
+    H3 is not modified. Besides it, at most two tensors of its size exist at once here: the dead-column-fixed
+    copy in processing order is flipped and dropped before the Cholesky (a retry rebuilds its experts' rows
+    from H3), then the Cholesky factor, its triangular inverse and Hinv follow one another."""
     E, C, _ = H3.shape
-    H = fix_dead_columns(H3.to(dtype))
     empty = (H3 == 0).flatten(1).all(1)                                  # [E] no tokens
-    eye = torch.eye(C, dtype=dtype, device=H.device)
-    H[empty] = eye
     perm = None
     if act_order:
-        # descending diag(H); stable so ties (e.g. dead columns) order the same everywhere
-        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
-        H = H.gather(1, perm[:, :, None].expand(E, C, C)).gather(2, perm[:, None, :].expand(E, C, C))
-    Hinv, damp_used, failed = damped_inverse_factor(H, damp, max_damp)
-    Hinv[empty] = eye                                                    # plain RTN, loss under I
+        # descending diag(H) with dead columns as 1; stable so ties (e.g. dead columns) order the same everywhere
+        d = H3.diagonal(dim1=-2, dim2=-1).to(dtype)
+        perm = torch.argsort(d.masked_fill(d == 0, 1.0), dim=-1, descending=True, stable=True)
+        del d
+
+    def ordered(idx):
+        """fix_dead_columns(H3[idx]) in processing order, no-token experts I: a fresh tensor."""
+        H = H3 if idx is None else H3[idx]
+        if perm is not None:
+            p = perm if idx is None else perm[idx]
+            k = p.shape[0]
+            T = H.gather(1, p[:, :, None].expand(k, C, C))
+            H = T.gather(2, p[:, None, :].expand(k, C, C))
+            del T
+        H = H.to(dtype, copy=H is H3)
+        diag = H.diagonal(dim1=-2, dim2=-1)
+        diag.masked_fill_(diag == 0, 1.0)
+        H[empty if idx is None else empty[idx]] = torch.eye(C, dtype=dtype, device=H.device)
+        return H
+
+    first = [ordered(None)]
+    mean_diag = first[0].diagonal(dim1=-2, dim2=-1).mean(-1)
+
+    def flipped(idx):
+        if idx is None:
+            F = first.pop().flip(-2, -1)                                 # the ordered copy is dropped here
+            return F
+        return ordered(idx).flip(-2, -1)
+
+    Hinv, damp_used, failed = damped_inverse_factor_flipped(flipped, mean_diag, damp, max_damp)
+    Hinv[empty] = torch.eye(C, dtype=dtype, device=Hinv.device)         # plain RTN, loss under I
     damp_used[empty] = 0.0
     reasons = [NO_TOKENS if e else (CHOLESKY_FAILED if f else None)
                for e, f in zip(empty.tolist(), failed.tolist())]
