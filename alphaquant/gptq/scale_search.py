@@ -26,12 +26,18 @@ same) and identity formats (bf16) are returned as fmt.params gives them.
 
 col_weight [..., C] (optional, >= 0): weights the error of each column, e.g. diag(H) (how much the
 layer output moves per unit of error in that column), the "mse_hdiag" mode of the solver.
+
+On CUDA, int and MX formats take fused_scale_search instead of the loop below: one Triton kernel,
+the same candidates and params arithmetic, each group read once (the loop is the reference and the
+CPU path).
 """
 from __future__ import annotations
 
 import torch
 
 from alphaquant.formats.base import Format, QParams, exact_div
+
+from . import fused_scale_search
 
 GRID = 100
 MAX_SHRINK = 0.8
@@ -92,13 +98,22 @@ def group_error(fmt: Format, w: torch.Tensor, p: QParams, col_weight: torch.Tens
 
 
 def search_params(fmt: Format, w: torch.Tensor, col_weight: torch.Tensor | None = None, *,
-                  grid: int = GRID, max_shrink: float = MAX_SHRINK, norm: float = NORM) -> QParams:
+                  grid: int = GRID, max_shrink: float = MAX_SHRINK, norm: float = NORM,
+                  fused: bool | None = None) -> QParams:
     """Params of fmt for w [..., C] with each group's range shrunk to its least rounding error.
 
     col_weight: [..., C] (broadcastable) non-negative weight of each column's error, or None.
     Candidates p = 1 - i / grid for i = 0 .. int(max_shrink * grid) - 1; the first (p = 1) is
     fmt.params(w) itself, and a later one replaces it only where its error is strictly smaller.
+    fused: None = the one-kernel Triton search (fused_scale_search) where it supports fmt and w
+    (int and MX formats on CUDA), else this torch loop; False = always this loop; True = the kernel
+    or a ValueError. Both give the same params; only near-ties of the error sum may pick differently.
     """
+    if fused is not False and fused_scale_search.supports(fmt, w, col_weight):
+        return fused_scale_search.search_params(fmt, w, col_weight, grid=grid, max_shrink=max_shrink, norm=norm)
+    if fused:
+        raise ValueError(f"fused=True needs Triton with a CUDA tensor and an int or MX format that "
+                         f"fused_scale_search supports; got {fmt!r} on {w.device} ({w.dtype})")
     base = fmt.params(w)
     if fmt.is_identity:
         return base
