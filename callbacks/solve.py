@@ -5,6 +5,11 @@ expert's gate and up become one [2I, H] matrix); stacks of equal shape and spec 
 bucket that `gptq_quantize` solves in one batched sweep ([E, R, C]). Under DDP each rank
 solves a contiguous slice of every bucket and broadcasts it, so every rank ends with the
 same quantized layer.
+
+gptq.expert_chunk: a bucket's stacks are solved `chunk` at a time (`_chunk`), each chunk's Hessians
+finalised only for it (`_Hessians`), so the solve's Hessian-sized temporaries scale with the chunk, not
+with the number of experts; GPTQ treats experts independently, so the results do not change with it
+(tests/test_expert_chunk.py: bit for bit on CPU).
 """
 from __future__ import annotations
 
@@ -39,12 +44,14 @@ class ModuleRecord:
 
 
 class GPTQSolve(Callback):
-    def __init__(self, collector, specs: dict, layer_prefix, gptq_opts: dict, budget=None):
+    def __init__(self, collector, specs: dict, layer_prefix, gptq_opts: dict, budget=None, expert_chunk="auto"):
         self.collector = collector      # HessianCollector: the Hessians of the current group
         self.specs = specs              # full module name -> QuantSpec (budget_bits writes its choices here)
         self.budget = budget            # the quant section when quant.budget_bits is set (alphaquant/gptq/budget.py)
         self.layer_prefix = layer_prefix  # layer index -> "model.layers.{i}."
         self.opts = gptq_opts           # block_size, damp, act_order, static_groups
+        self.expert_chunk = expert_chunk  # gptq.expert_chunk: "auto", 0 (all at once) or stacks per solve call
+        self.chunks: dict[tuple, int] = {}   # (rows, cols, stacks) -> the chunk last used (for logs and tests)
         self.records: dict[str, ModuleRecord] = {}
         self.solve_seconds = 0.0
         self.layer_seconds: dict[int, float] = {}   # layer index -> solve seconds (the walker pops them)
@@ -83,17 +90,41 @@ class GPTQSolve(Callback):
             self._keep(layer, prefix, n, sol, e, rows)
 
     def _inputs(self, layer, prefix, stacks):
-        """(W [E, R, C], H [E, C, C], Hessian states) of a bucket's stacks."""
+        """(W [E, R, C], the Hessians (`_Hessians`, finalised chunk by chunk), Hessian states) of a bucket's stacks."""
         W = torch.stack([torch.cat([layer.get_submodule(n).weight.float() for n in names]) for _, names in stacks])
         states = [self.collector.states[key] for key, _ in stacks]
-        H = torch.stack([s.finalize() for s in states])
-        _check_finite(W, H, stacks, prefix)
-        if getattr(self.collector, "asymmetric", False):   # gptq.asymmetric: GPTQ toward W̃ (gptq/gptaq.py),
-            W = self.collector.asymmetric_target(W, H, [k for k, _ in stacks], self.opts["damp"])   # errors vs W̃
-        return W, H, states
+        _check_finite(W, None, stacks, prefix)
+        hess = _Hessians(states, self._chunk(W, len(stacks)))
+        self.chunks[(W.shape[1], W.shape[2], len(stacks))] = hess.chunk
+        asym = getattr(self.collector, "asymmetric", False)  # gptq.asymmetric: GPTQ toward W̃ (gptq/gptaq.py),
+        keys = [k for k, _ in stacks]                        # errors vs W̃
+        target = None
+        for sl, H in hess.parts(0, len(stacks)):   # every rank checks every stack: all raise alike under DDP
+            _check_finite(None, H, stacks[sl], prefix)
+            if asym:
+                Wt = self.collector.asymmetric_target(W[sl], H, keys[sl], self.opts["damp"])
+                if hess.chunk >= len(stacks):
+                    target = Wt
+                else:
+                    target = torch.empty_like(W) if target is None else target
+                    target[sl] = Wt
+                del Wt
+            del H
+        return (W if target is None else target), hess, states
+
+    def _chunk(self, W, n: int) -> int:
+        """Stacks per gptq_quantize call (gptq.expert_chunk): 0 = all; auto = all on CPU, on CUDA the most whose
+        solve fits in the free memory (alphaquant/pipeline/memory_plan.solve_stack_bytes), all when they do."""
+        c = self.expert_chunk
+        if c == "auto":
+            if not W.is_cuda:
+                return n
+            return auto_chunk(n, W.shape[1], W.shape[2], _free_cuda_bytes(W.device),
+                              asymmetric=getattr(self.collector, "asymmetric", False))
+        return n if not c else min(int(c), n)
 
     @torch.no_grad()
-    def _solve_stacks(self, layer, prefix, spec, stacks, W, H, states) -> dict:
+    def _solve_stacks(self, layer, prefix, spec, stacks, W, hess, states) -> dict:
         """GPTQ of the stacks in format `spec`; nothing is written into the layer yet (`_keep` does)."""
         fmt = build_format(spec)
         rank, world = _rank_world()
@@ -101,19 +132,42 @@ class GPTQSolve(Callback):
             rank, world = 0, 1
         chunks = torch.tensor_split(torch.arange(len(stacks)), world)
         mine = chunks[rank]
-        res = gptq_quantize(W[mine], H[mine], fmt, **self.opts)
-        if self.opts.get("static_groups"):
-            res.g_idx = None       # static groups: g_idx is column // group_size, nothing to record or store
-        parts = _result_tensors(res, fmt, W[mine])
+        parts, losses, fallbacks = self._solve_local(W, hess, int(mine[0]), int(mine[-1]) + 1, fmt)
         if world > 1:
             parts = _broadcast_chunks(parts, chunks, fmt, W, rank)
         Wq, params = parts["weight"], _params_from(parts)
-        rel = _relative_error(W, Wq, H)
-        losses, fallbacks = _gather_meta(res, chunks, rank, world)
+        rel = []
+        for sl, H in hess.parts(0, len(stacks)):
+            rel += _relative_error(W[sl], Wq[sl], H)
+            del H
+        losses, fallbacks = _gather_meta(losses, fallbacks, world)
         tokens = torch.stack([s.n_tokens for s in states]).tolist()           # one host sync each,
         weight_sums = torch.stack([s.weight_sum for s in states]).tolist()    # not one per expert
         return {"spec": spec, "Wq": Wq, "params": params, "g_idx": parts.get("g_idx"), "rel": rel,
                 "losses": losses, "fallbacks": fallbacks, "tokens": tokens, "weight_sums": weight_sums}
+
+    def _solve_local(self, W, hess, lo: int, hi: int, fmt):
+        """GPTQ of stacks lo..hi-1, `hess.chunk` per gptq_quantize call: (result tensors [hi - lo, ...], losses,
+        fallbacks). Each chunk's result is copied into the bucket's tensors, its intermediates dropped at once."""
+        out, losses, fallbacks = None, [], []
+        for sl, H in hess.parts(lo, hi):
+            res = gptq_quantize(W[sl], H, fmt, **self.opts)
+            del H
+            if self.opts.get("static_groups"):
+                res.g_idx = None       # static groups: g_idx is column // group_size, nothing to record or store
+            losses += res.loss.float().tolist()
+            fallbacks += list(res.fallback)
+            part = _result_tensors(res, fmt, W[sl])
+            del res
+            if sl.stop - sl.start == hi - lo:
+                out = part
+            else:
+                if out is None:
+                    out = {k: v.new_empty((hi - lo, *v.shape[1:])) for k, v in part.items()}
+                for k, v in part.items():
+                    out[k][sl.start - lo:sl.stop - lo] = v
+            del part
+        return out, losses, fallbacks
 
     def _keep(self, layer, prefix, n, sol, e, rows, extra=None):
         """Rows `rows` of stack e of solve `sol` become linear n's weight and record."""
@@ -135,15 +189,18 @@ class GPTQSolve(Callback):
         layer, q = runner.block, self.budget
         options = []        # per module: (name, [(spec, sol, e, rows, bits, loss)])
         for (spec, _r, _c), stacks in self._buckets(runner, prefix).items():
-            W, H, states = self._inputs(layer, prefix, stacks)
+            W, hess, states = self._inputs(layer, prefix, stacks)
             # Σ_t c_t x xᵀ: the output error as the model sees it (finalize divides by each stack's tokens)
-            scale = torch.stack([s.n_tokens for s in states]).to(H).clamp_min(1).reshape(-1, 1, 1) / 2
+            scale = torch.stack([s.n_tokens for s in states]).to(W).clamp_min(1).reshape(-1, 1, 1) / 2
             opts = {}
             for cand in candidate_specs(spec, q.budget_candidates, q.nonstandard_blocks, prefix + stacks[0][1][0]):
-                sol = self._solve_stacks(layer, prefix, cand, stacks, W, H, states)
-                D = sol["Wq"] - W
-                row_loss = torch.einsum("erc,erc->er", D @ (H * scale), D).double().cpu()   # [E, R], fp32 (no TF32)
-                opts[cand] = (sol, row_loss)
+                sol = self._solve_stacks(layer, prefix, cand, stacks, W, hess, states)
+                row_loss = []
+                for sl, H in hess.parts(0, len(stacks)):
+                    D = sol["Wq"][sl] - W[sl]
+                    row_loss.append(torch.einsum("erc,erc->er", D @ (H * scale[sl]), D).double().cpu())  # [E, R], fp32 (no TF32)
+                    del D, H
+                opts[cand] = (sol, torch.cat(row_loss))
             for e, n, rows in _stack_rows(layer, stacks):
                 shape = tuple(layer.get_submodule(n).weight.shape)
                 options.append((n, [(c, sol, e, rows, weight_bits(replace(c, shape=shape)), float(rl[e, rows].sum()))
@@ -169,12 +226,69 @@ def _stack_rows(layer, stacks):
             yield e, n, rows
 
 
+class _Hessians:
+    """A bucket's Hessians 2/N Σ c x xᵀ (`HessianState.finalize`), built `chunk` stacks at a time.
+
+    `parts(lo, hi)` gives (slice of stacks, H [k, C, C]) for consecutive chunks of stacks lo..hi-1; a chunk's H is
+    a fresh tensor (drop it before asking for the next). When one chunk holds every stack (expert_chunk 0, or
+    auto with room) the whole stack is built once and kept for the bucket (its parts are views), as before."""
+
+    def __init__(self, states, chunk: int):
+        self.states, self.chunk = states, max(1, int(chunk))
+        self._all = None
+
+    def parts(self, lo: int, hi: int):
+        for a in range(lo, hi, self.chunk):
+            b = min(a + self.chunk, hi)
+            if self.chunk >= len(self.states):
+                if self._all is None:
+                    self._all = self._stack(self.states)
+                yield slice(a, b), self._all[a:b]
+            else:
+                yield slice(a, b), self._stack(self.states[a:b])
+
+    @staticmethod
+    def _stack(states) -> torch.Tensor:
+        """torch.stack of the finalised Hessians, with one [C, C] temporary at a time instead of all of them."""
+        first = states[0].finalize()
+        H = first.new_empty((len(states), *first.shape))
+        H[0] = first
+        del first
+        for i, s in enumerate(states[1:], 1):
+            H[i] = s.finalize()
+        return H
+
+
+def auto_chunk(n: int, rows: int, cols: int, free_bytes: int, asymmetric: bool = False) -> int:
+    """gptq.expert_chunk auto: how many of a bucket's n stacks ([rows, cols]) one solve call takes when
+    `free_bytes` can still be allocated: all n when they fit in 90 % of it, else the most that do, at least 1.
+    Counted as the memory estimate counts them: the bucket's fp32 result (n x rows x cols) plus, per stack in the
+    call, memory_plan.solve_stack_bytes."""
+    from alphaquant.pipeline.memory_plan import FP32, solve_stack_bytes
+    need = max(solve_stack_bytes(rows, cols, asymmetric), 1)
+    room = 0.9 * max(free_bytes, 0) - n * rows * cols * FP32
+    return max(1, min(n, int(room // need)))
+
+
+def _free_cuda_bytes(device) -> int:
+    """Bytes a new allocation on `device` can get: the driver's free memory plus what the caching allocator holds
+    unused, within torch.cuda.set_per_process_memory_fraction's limit where one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d: 1.0)(device)
+    return int(max(0, min(free, fraction * total - allocated)))
+
+
 def _check_finite(W, H, stacks, prefix):
     """UserError naming the first module whose weight or calibration inputs (Hessian) hold NaN/Inf,
-    before GPTQ is asked to solve it (the solver would only say "W contains NaN")."""
+    before GPTQ is asked to solve it (the solver would only say "W contains NaN"). W or H may be None
+    (the Hessians are checked chunk by chunk, `stacks` then the chunk's)."""
     from alphaquant.errors import UserError
     layer = prefix.rstrip(".")
     for what, T in (("weight", W), ("Hessian", H)):
+        if T is None:
+            continue
         bad = ~torch.isfinite(torch.linalg.vector_norm(T, float("inf"), dim=(-2, -1)))          # [E]
         if bad.any():
             name = prefix + stacks[int(bad.nonzero()[0])][1][0]
@@ -245,9 +359,9 @@ class _Ref:
         self.g_idx = torch.zeros(W.shape[0], W.shape[-1], dtype=torch.long, device=W.device) if with_g_idx else None
 
 
-def _gather_meta(res, chunks, rank, world):
-    """Per-stack proxy losses and fallback reasons of every chunk, on every rank."""
-    mine = (res.loss.float().tolist(), list(res.fallback))
+def _gather_meta(losses, fallbacks, world):
+    """Per-stack proxy losses and fallback reasons of every rank's stacks, on every rank."""
+    mine = (losses, fallbacks)
     if world == 1:
         return mine
     gathered = [None] * world

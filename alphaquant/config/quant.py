@@ -204,7 +204,8 @@ class GptqConfig:
     # experts of a bucket (stacks of one shape and format) per GPTQ solve call: the solve's Hessian-sized
     # temporaries scale with it (callbacks/solve.py). 0 = all at once (fastest); N = N at a time (less GPU
     # memory, e.g. 1 or 2 for Mixtral-8x7B's down_proj on a 24 GB GPU); auto = all at once unless the GPU's
-    # free memory at the solve is short, then the largest chunk that fits (all on CPU). Same results either way
+    # free memory at the solve is short, then the largest chunk that fits (all on CPU). The same weights bit for
+    # bit on CPU; on a GPU up to float32 rounding (batched kernels may pick others for another batch size)
     expert_chunk: int | Literal["auto"] = "auto"
 
     def check(self, path: str) -> None:

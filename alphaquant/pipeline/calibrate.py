@@ -32,7 +32,8 @@ def build_and_walk(session, writer_factory) -> dict:
     collector = HessianCollector(adapter, mode=cfg.calibration.hessian, asymmetric=cfg.gptq.asymmetric)
     g = cfg.gptq
     solver = GPTQSolve(collector, session.specs, adapter.layer_prefix, solver_options(g),
-                       budget=cfg.quant if cfg.quant.budget_bits is not None else None)
+                       budget=cfg.quant if cfg.quant.budget_bits is not None else None,
+                       expert_chunk=g.expert_chunk)
     ppl = PerplexityCallback()
     loggers = build_loggers(cfg, session.name)
     trainer = build_trainer(cfg, [collector, solver, ppl], loggers)

@@ -21,10 +21,17 @@ accelerator (one GPU; under DDP each rank holds its share of the cached inputs, 
                     per token for an expert group, sorted by expert and weighted: 2 copies in the dtype) and
                     a propagate pass's expert intermediates (experts run one at a time: gate, up, their
                     product and down for one expert's tokens, taken as 2 x top_k / E of the batch)
-    GPTQ solve      at the end of a collect pass (callbacks/solve.py, gptq/linalg.py): besides the collected
-                    Hessians, 6 more of their size (the stack, its dead-column copy, the act-order permuted
-                    copy, the damped copy, its Cholesky factor and triangular inverse = Hinv) plus the
-                    group's weights in fp32, twice (the stack and the result)
+    GPTQ solve      at the end of a collect pass (callbacks/solve.py, gptq/solver.py, gptq/linalg.py): the
+                    group's weights in fp32, twice (the stack and the result), plus, for the bucket (stacks of
+                    one shape and format) whose solve call is largest, per stack solved in that one call
+                    (gptq.expert_chunk of them; 0 or auto with room = the whole bucket): 3 Hessian-sized fp32
+                    tensors beside the collected Hessians (the chunk's finalised Hessians, then at most two
+                    more at once: the dead-column-fixed act-order copy, the flipped damped copy, its Cholesky
+                    factor, the triangular inverse, Hinv; 5 with gptq.asymmetric, whose W̃ = W + W P (H+λI)⁻¹
+                    adds P and gptaq.py's damped copies) and 4 weight-sized ones (the transposed working
+                    weights, the sweep's result in both orders, the codes): `solve_stack_bytes`. A group's
+                    solve coexists with its own collected Hessians, so this term is what the largest of
+                    (group's Hessians + its solve) adds above the Hessians term
 host:
   outside layers    embeddings, final norm and lm_head in the compute dtype (a lazy model keeps only these)
   layer staging     the next layer read ahead from the checkpoint (pinned on a GPU) and the finished layer's
@@ -35,10 +42,14 @@ host:
 Not counted: the Python/torch runtime itself (~1 GiB of host memory), the CUDA context, allocator
 fragmentation, the evaluation head pass (final norm + lm_head + batch x seq_len x vocab fp32 logits,
 after the last layer) and attention scores (causal SDPA with no mask uses fused kernels that need none).
-Against README's H200 measurements (128 x 2048 tokens, eval off, act-order): OLMoE-1B-7B shapes at batch
-64 estimate 16.8 GiB of GPU memory for a measured 14.5; Mixtral-8x7B at batch 16 estimate 54 GiB for a
-measured 69 (the CUDA caching allocator keeps freed solve temporaries). Host memory is under-estimated
-by the runtime, pinned-memory pools and the CUDA context (OLMoE: 2.0 GiB estimated, 5.9 measured).
+Against README's H200 measurements (128 x 2048 tokens, eval off, act-order), taken when the solve made ~6
+Hessian-sized copies per expert and this count said so: OLMoE-1B-7B shapes at batch 64 estimated 16.8 GiB
+of GPU memory for a measured 14.5; Mixtral-8x7B at batch 16 estimated 54 GiB for a measured 69 (the CUDA
+caching allocator keeps freed solve temporaries). The solve now makes 3 per expert (tests/test_expert_chunk.py
+measures the drop on CPU: an 8-expert bucket's solve peak 51 -> 25 Hessian sizes, 5 with gptq.expert_chunk 1);
+the same Mixtral run now estimates 42.7 GiB, 18.5 GiB with gptq.expert_chunk 1 and calibration.cache_device
+cpu (not yet measured on a GPU). Host memory is under-estimated by the runtime, pinned-memory pools and the
+CUDA context (OLMoE: 2.0 GiB estimated, 5.9 measured).
 """
 from __future__ import annotations
 
@@ -46,7 +57,17 @@ from dataclasses import dataclass, field
 
 TOKEN_WINDOW_BYTES = 16          # int64 per token, twice (alphaquant.data.TOKEN_WINDOW_BYTES)
 FP32 = 4
-SOLVE_HESSIAN_COPIES = 6         # H-sized fp32 tensors the GPTQ solve makes (see the module docstring)
+SOLVE_HESSIAN_COPIES = 3         # per stack in one solve call: its H-sized fp32 tensors (see the module docstring)
+ASYMMETRIC_HESSIAN_COPIES = 5    # the same with gptq.asymmetric (P and gptaq.asymmetric_target's damped copies)
+SOLVE_WEIGHT_COPIES = 4          # per stack in one solve call: its [R, C] fp32 working tensors
+
+
+def solve_stack_bytes(rows: int, cols: int, asymmetric: bool = False) -> int:
+    """Bytes one stack ([rows, cols] weights, a [cols, cols] Hessian) adds to a GPTQ solve call, beside the
+    collected Hessians and the bucket's fp32 weights and result (callbacks/solve.py sizes gptq.expert_chunk auto
+    with it)."""
+    copies = ASYMMETRIC_HESSIAN_COPIES if asymmetric else SOLVE_HESSIAN_COPIES
+    return (copies * cols * cols + SOLVE_WEIGHT_COPIES * rows * cols) * FP32
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,8 @@ class LayerShape:
     group_weight_fp32_bytes: int  # that group's weights in fp32 (what the solve stacks)
     token_activation_bytes: int  # activations per token of one forward through the layer
     largest_group: str = ""      # a name for the largest group, for the printout
+    # per true-sequential group: (its Hessian bytes, its fp32 weight bytes, its buckets as (stacks, rows, cols))
+    solve_groups: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -72,19 +95,26 @@ class ModelShape:
 def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, batch_size: int,
                          eval_windows: int | None = 0, eval_seq_len: int = 0, eval_batch_size: int = 1,
                          eval_streams: int = 0, rtn: bool = False, gpu: bool = True, devices: int = 1,
-                         cache_on_host: bool = False) -> dict:
+                         cache_on_host: bool = False, expert_chunk: int | str = 0, asymmetric: bool = False) -> dict:
     """{"gpu": {term: bytes}, "host": {term: bytes}, "gpu_total", "host_total", "per_eval_window"}.
 
     Each layer term is the largest over the model's layers. eval_windows None: unknown (the per-window cost
     of the evaluation streams' cached inputs is returned as "per_eval_window"); gpu False: a CPU run, where
     the accelerator terms are host memory. devices: processes (DDP ranks), each caching its share of inputs.
-    cache_on_host: calibration.cache_device cpu, the cached inputs live in pinned host memory instead."""
+    cache_on_host: calibration.cache_device cpu, the cached inputs live in pinned host memory instead.
+    expert_chunk: gptq.expert_chunk, stacks per solve call (0 and "auto": a whole bucket, what auto does when the
+    GPU has room; "solve_chunk_1" is the solve term at 1, the least auto or a setting can reach); asymmetric:
+    gptq.asymmetric (more Hessian-sized copies per stack)."""
     b, h = shape.dtype_bytes, shape.hidden_size
     devices = max(int(devices), 1)
     layers = shape.layers or [LayerShape(0, 0, 0, 0)]
     weights = max(s.weight_bytes for s in layers)
     hessians = max(s.hessian_bytes for s in layers)
-    solve = max(SOLVE_HESSIAN_COPIES * s.hessian_bytes + 2 * s.group_weight_fp32_bytes for s in layers)
+    chunk = expert_chunk if isinstance(expert_chunk, int) and expert_chunk > 0 else None
+    solve = max(_solve_bytes(s, chunk, asymmetric)[0] for s in layers)
+    solve_chunk_1 = max(_solve_bytes(s, 1, asymmetric)[0] for s in layers)
+    # a group's solve coexists with its own Hessians, not the largest group's: the excess over the Hessians term
+    solve_excess = max(_solve_bytes(s, chunk, asymmetric)[1] for s in layers) - hessians
     biggest = max(layers, key=lambda s: s.hessian_bytes)
     per_eval_window = eval_streams * eval_seq_len * h * b
     cache = -(-num_samples // devices) * seq_len * h * b
@@ -94,7 +124,7 @@ def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, b
     activations = tokens * max(s.token_activation_bytes for s in layers) + 2 * tokens * h * b   # + batch in/out
     device = {"layer weights": (3 if rtn else 2) * weights, "cached inputs": cache,
               "embedding (layer 0)": shape.embed_bytes, "Hessians": hessians,
-              "activations or solve": max(activations, solve)}
+              "activations or solve": max(activations, solve_excess)}
     ids = num_samples * seq_len * TOKEN_WINDOW_BYTES * devices + (eval_windows or 0) * eval_seq_len * 8 * devices
     host = {"outside layers": shape.outside_bytes, "layer staging": 2 * weights, "token ids": ids}
     if cache_on_host and gpu:
@@ -105,7 +135,22 @@ def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, b
         device = {}
     return {"gpu": device, "host": host, "gpu_total": sum(device.values()),
             "host_total": sum(host.values()), "per_eval_window": per_eval_window, "largest_group": biggest.largest_group,
-            "activations": activations, "solve": solve, "layer_weight_bytes": weights}
+            "activations": activations, "solve": solve, "layer_weight_bytes": weights,
+            "solve_chunk_1": solve_chunk_1, "expert_chunk": expert_chunk,
+            "bucket_stacks": max((b[0] for s in layers for *_, bs in s.solve_groups for b in bs), default=1)}
+
+
+def _solve_bytes(s: LayerShape, chunk: int | None, asymmetric: bool) -> tuple[int, int]:
+    """(the largest GPTQ solve of one layer's groups, the largest such solve plus its group's collected Hessians),
+    `chunk` stacks per solve call (None: a whole bucket)."""
+    if not s.solve_groups:       # a LayerShape written by hand: one bucket, its Hessians all solved at once
+        copies = ASYMMETRIC_HESSIAN_COPIES if asymmetric else SOLVE_HESSIAN_COPIES
+        solve = copies * s.hessian_bytes + 2 * s.group_weight_fp32_bytes
+        return solve, solve + s.hessian_bytes
+    solves = [(hb, 2 * gw + max((min(n, chunk or n) * solve_stack_bytes(r, c, asymmetric) for n, r, c in buckets),
+                                default=0))
+              for hb, gw, buckets in s.solve_groups]
+    return max(x for _, x in solves), max(hb + x for hb, x in solves)
 
 
 # --- shapes from the meta skeleton ---------------------------------------------------------------------
@@ -138,9 +183,19 @@ def layer_shape(adapter, model, index: int, specs: dict, linears: dict[str, tupl
     if not true_sequential:
         groups = [[n for g in groups for n in g]]
     hess, fp32_w, name, best = 0, 0, "", -1
+    solve_groups = []
     for g in groups:
+        stacks = {}                                  # (Hessian key, spec) -> [rows, cols]: linears stacked by rows
+        for n in g:
+            key = ((n.rpartition(".")[0], shape_of(n)[0]), specs.get(prefix + n))
+            stacks.setdefault(key, [0, shape_of(n)[0]])[0] += shape_of(n)[1]
+        buckets = {}                                 # (rows, cols, spec) -> stacks: one solve each
+        for (_, spec), (r, c) in stacks.items():
+            buckets[(r, c, spec)] = buckets.get((r, c, spec), 0) + 1
         keys = {(n.rpartition(".")[0], shape_of(n)[0]) for n in g}     # linears reading one tensor share one
         hb = sum(c * c * FP32 for _, c in keys)
+        solve_groups.append((hb, sum(shape_of(n)[0] * shape_of(n)[1] * FP32 for n in g),
+                             tuple((k, r, c) for (r, c, _), k in buckets.items())))
         if hb > best:
             best, hess = hb, hb
             fp32_w = sum(shape_of(n)[0] * shape_of(n)[1] * FP32 for n in g)
@@ -157,7 +212,7 @@ def layer_shape(adapter, model, index: int, specs: dict, linears: dict[str, tupl
     group_in = max((sum(shape_of(n)[0] * (expert_of[n].top_k if n in expert_of else 1)
                         for n in {_input_of(n, expert_of): n for n in g}.values()) for g in groups if g), default=0)
     act += max(2 * group_in * b, experts)         # a collect pass's buffered inputs, or the experts
-    return LayerShape(_nbytes(layer.parameters()), hess, fp32_w, act, name)
+    return LayerShape(_nbytes(layer.parameters()), hess, fp32_w, act, name, tuple(solve_groups))
 
 
 def _input_of(name: str, expert_of: dict) -> str:
@@ -200,7 +255,8 @@ def plan_memory(cfg, model, adapter, specs) -> dict:
                                eval_windows=ev.max_windows if streams else 0, eval_seq_len=ev.seq_len,
                                eval_batch_size=ev.batch_size, eval_streams=streams, rtn=ev.enabled and ev.rtn,
                                gpu=cfg.trainer.accelerator != "cpu", devices=devices,
-                               cache_on_host=getattr(cal, "cache_device", "auto") == "cpu")
+                               cache_on_host=getattr(cal, "cache_device", "auto") == "cpu",
+                               expert_chunk=cfg.gptq.expert_chunk, asymmetric=cfg.gptq.asymmetric)
     est["eval_windows_unknown"] = bool(streams) and ev.max_windows is None
     return est
 
@@ -222,6 +278,14 @@ def render_memory(cfg, est: dict) -> str:
     lines.append("  host: " + ", ".join(f"{k} {_gib(v)}" for k, v in est["host"].items()))
     if est.get("largest_group"):
         lines.append(f"  largest Hessian group: {est['largest_group']}")
+    if est.get("bucket_stacks", 1) > 1:
+        c, n = est.get("expert_chunk", 0), est["bucket_stacks"]
+        per = f"{min(c, n)} at a time" if isinstance(c, int) and c > 0 else f"all {n} at once"
+        if c == "auto":
+            per += " where the GPU has room, else fewer" if est["gpu"] else " (a CPU run)"
+        one = "" if c == 1 else f"; with gptq.expert_chunk 1: {_gib(est['solve_chunk_1'])}"
+        lines.append(f"  GPTQ solve: up to {n} experts per bucket, {per} (gptq.expert_chunk {c}): solve term "
+                     f"{_gib(est['solve'])}{one}")
     if est.get("eval_windows_unknown"):
         where = "GPU" if est["gpu"] else "host"
         lines.append(f"  plus {_gib(est['per_eval_window'])} of {where} memory per evaluation window (eval.max_windows "
