@@ -178,6 +178,18 @@ def check_all(device="cpu", big=False):
     return differ, total
 
 
+def check_shapes(device="cpu"):
+    """1-D and 4-D weights, column weights broadcast over leading dims (a view or, [3, 1, 1, C], a copy)."""
+    g = torch.Generator().manual_seed(5)
+    fmt = get_format("int4", group_size=32, sym=False)
+    for shape, cshape in [((256,), (256,)), ((3, 2, 4, 64), (3, 1, 1, 64)), ((3, 2, 4, 64), (2, 1, 64)), ((5, 64), (64,))]:
+        w, cw = torch.randn(*shape, generator=g) * 0.02, torch.rand(*cshape, generator=g)
+        got = search_params(fmt, w.to(device), cw.to(device), fused=True)
+        ref = search_params(fmt, w, cw, fused=False)
+        assert got.scale.shape == ref.scale.shape
+        assert torch.equal(got.scale.cpu(), ref.scale) and torch.equal(got.zero.cpu(), ref.zero), (shape, cshape)
+
+
 def test_cpu_tensors_keep_the_torch_loop_without_the_interpreter(monkeypatch):
     fmt = get_format("int4", group_size=32)
     w = _weights(E=1, R=4, C=64)
@@ -231,5 +243,6 @@ if __name__ == "__main__":             # the interpreter run (see test_kernel_in
     assert fused_scale_search.INTERPRETED and fused_scale_search.supports(get_format("int4"), _weights())
     check_params_of_extremes(INT_CASES + MX_CASES)
     print("params ok")
+    check_shapes()
     differ, total = check_all()
     print(f"fused search ok: {differ} of {total} groups picked another (near-tie) candidate")
