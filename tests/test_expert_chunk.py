@@ -304,6 +304,11 @@ def test_estimate_buckets_of_a_tiny_mixtral(mixtral, capsys):
     assert est["gpu"]["activations or solve"] == max(est["activations"], est["solve"])
     text = render_memory(cfg, est)
     assert "GPTQ solve: up to 5 experts per bucket, 2 at a time (gptq.expert_chunk 2)" in text, text
+    one = est["gpu_total"] - est["gpu"]["activations or solve"] + max(est["activations"], est["solve_chunk_1"])
+    assert est["solve_chunk_1"] == 2 * 5 * 128 * 64 * 4 + per(128, 64) and est["gpu_total_chunk_1"] == one
+    line = next(ln for ln in text.splitlines() if "GPTQ solve" in ln)
+    assert line.endswith(f"; with gptq.expert_chunk 1: {est['solve_chunk_1'] / 2**20:.1f} MiB, peak GPU memory "
+                         f"~{est['gpu_total_chunk_1'] / 2**20:.1f} MiB"), line
 
 
 # --- peak memory, measured --------------------------------------------------------------------------------------

@@ -251,12 +251,17 @@ def plan_memory(cfg, model, adapter, specs) -> dict:
     streams = (1 + int(ev.before) + int(ev.rtn)) if ev.enabled else 0
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     shape = model_shape(model, adapter, specs, cfg.gptq.true_sequential)
-    est = estimate_peak_memory(shape, num_samples=cal.num_samples, seq_len=cal.seq_len, batch_size=cal.batch_size,
-                               eval_windows=ev.max_windows if streams else 0, eval_seq_len=ev.seq_len,
-                               eval_batch_size=ev.batch_size, eval_streams=streams, rtn=ev.enabled and ev.rtn,
-                               gpu=cfg.trainer.accelerator != "cpu", devices=devices,
-                               cache_on_host=getattr(cal, "cache_device", "auto") == "cpu",
-                               expert_chunk=cfg.gptq.expert_chunk, asymmetric=cfg.gptq.asymmetric)
+
+    def estimate(chunk):
+        return estimate_peak_memory(shape, num_samples=cal.num_samples, seq_len=cal.seq_len, batch_size=cal.batch_size,
+                                    eval_windows=ev.max_windows if streams else 0, eval_seq_len=ev.seq_len,
+                                    eval_batch_size=ev.batch_size, eval_streams=streams, rtn=ev.enabled and ev.rtn,
+                                    gpu=cfg.trainer.accelerator != "cpu", devices=devices,
+                                    cache_on_host=getattr(cal, "cache_device", "auto") == "cpu",
+                                    expert_chunk=chunk, asymmetric=cfg.gptq.asymmetric)
+    est = estimate(cfg.gptq.expert_chunk)
+    one = estimate(1)                 # the least the solve can take: what a smaller GPU would need
+    est["gpu_total_chunk_1"], est["host_total_chunk_1"] = one["gpu_total"], one["host_total"]
     est["eval_windows_unknown"] = bool(streams) and ev.max_windows is None
     return est
 
@@ -283,7 +288,9 @@ def render_memory(cfg, est: dict) -> str:
         per = f"{min(c, n)} at a time" if isinstance(c, int) and c > 0 else f"all {n} at once"
         if c == "auto":
             per += " where the GPU has room, else fewer" if est["gpu"] else " (a CPU run)"
-        one = "" if c == 1 else f"; with gptq.expert_chunk 1: {_gib(est['solve_chunk_1'])}"
+        total = (f", peak GPU memory ~{_gib(est['gpu_total_chunk_1'])}" if est["gpu"] and "gpu_total_chunk_1" in est
+                 else "")
+        one = "" if c == 1 else f"; with gptq.expert_chunk 1: {_gib(est['solve_chunk_1'])}{total}"
         lines.append(f"  GPTQ solve: up to {n} experts per bucket, {per} (gptq.expert_chunk {c}): solve term "
                      f"{_gib(est['solve'])}{one}")
     if est.get("eval_windows_unknown"):
