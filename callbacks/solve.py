@@ -89,12 +89,13 @@ class GPTQSolve(Callback):
         for e, n, rows in _stack_rows(layer, stacks):
             self._keep(layer, prefix, n, sol, e, rows)
 
-    def _inputs(self, layer, prefix, stacks):
-        """(W [E, R, C], the Hessians (`_Hessians`, finalised chunk by chunk), Hessian states) of a bucket's stacks."""
+    def _inputs(self, layer, prefix, stacks, results: int = 1):
+        """(W [E, R, C], the Hessians (`_Hessians`, finalised chunk by chunk), Hessian states) of a bucket's stacks;
+        `results`: how many solves of them will be kept at once (quant.budget_bits: one per candidate)."""
         W = torch.stack([torch.cat([layer.get_submodule(n).weight.float() for n in names]) for _, names in stacks])
         states = [self.collector.states[key] for key, _ in stacks]
         _check_finite(W, None, stacks, prefix)
-        hess = _Hessians(states, self._chunk(W, len(stacks)))
+        hess = _Hessians(states, self._chunk(W, len(stacks), results))
         self.chunks[(W.shape[1], W.shape[2], len(stacks))] = hess.chunk
         asym = getattr(self.collector, "asymmetric", False)  # gptq.asymmetric: GPTQ toward W̃ (gptq/gptaq.py),
         keys = [k for k, _ in stacks]                        # errors vs W̃
@@ -112,7 +113,7 @@ class GPTQSolve(Callback):
             del H
         return (W if target is None else target), hess, states
 
-    def _chunk(self, W, n: int) -> int:
+    def _chunk(self, W, n: int, results: int = 1) -> int:
         """Stacks per gptq_quantize call (gptq.expert_chunk): 0 = all; auto = all on CPU, on CUDA the most whose
         solve fits in the free memory (alphaquant/pipeline/memory_plan.solve_stack_bytes), all when they do."""
         c = self.expert_chunk
@@ -120,7 +121,7 @@ class GPTQSolve(Callback):
             if not W.is_cuda:
                 return n
             return auto_chunk(n, W.shape[1], W.shape[2], _free_cuda_bytes(W.device),
-                              asymmetric=getattr(self.collector, "asymmetric", False))
+                              asymmetric=getattr(self.collector, "asymmetric", False), results=results)
         return n if not c else min(int(c), n)
 
     @torch.no_grad()
@@ -189,11 +190,12 @@ class GPTQSolve(Callback):
         layer, q = runner.block, self.budget
         options = []        # per module: (name, [(spec, sol, e, rows, bits, loss)])
         for (spec, _r, _c), stacks in self._buckets(runner, prefix).items():
-            W, hess, states = self._inputs(layer, prefix, stacks)
+            cands = candidate_specs(spec, q.budget_candidates, q.nonstandard_blocks, prefix + stacks[0][1][0])
+            W, hess, states = self._inputs(layer, prefix, stacks, results=len(cands))
             # Σ_t c_t x xᵀ: the output error as the model sees it (finalize divides by each stack's tokens)
             scale = torch.stack([s.n_tokens for s in states]).to(W).clamp_min(1).reshape(-1, 1, 1) / 2
             opts = {}
-            for cand in candidate_specs(spec, q.budget_candidates, q.nonstandard_blocks, prefix + stacks[0][1][0]):
+            for cand in cands:
                 sol = self._solve_stacks(layer, prefix, cand, stacks, W, hess, states)
                 row_loss = []
                 for sl, H in hess.parts(0, len(stacks)):
@@ -259,14 +261,14 @@ class _Hessians:
         return H
 
 
-def auto_chunk(n: int, rows: int, cols: int, free_bytes: int, asymmetric: bool = False) -> int:
+def auto_chunk(n: int, rows: int, cols: int, free_bytes: int, asymmetric: bool = False, results: int = 1) -> int:
     """gptq.expert_chunk auto: how many of a bucket's n stacks ([rows, cols]) one solve call takes when
     `free_bytes` can still be allocated: all n when they fit in 90 % of it, else the most that do, at least 1.
-    Counted as the memory estimate counts them: the bucket's fp32 result (n x rows x cols) plus, per stack in the
-    call, memory_plan.solve_stack_bytes."""
+    Counted as the memory estimate counts them: the bucket's fp32 result (n x rows x cols; `results` of them kept at
+    once, one per quant.budget_bits candidate) plus, per stack in the call, memory_plan.solve_stack_bytes."""
     from alphaquant.pipeline.memory_plan import FP32, solve_stack_bytes
     need = max(solve_stack_bytes(rows, cols, asymmetric), 1)
-    room = 0.9 * max(free_bytes, 0) - n * rows * cols * FP32
+    room = 0.9 * max(free_bytes, 0) - results * n * rows * cols * FP32
     return max(1, min(n, int(room // need)))
 
 

@@ -175,6 +175,9 @@ def test_auto_chunk_from_free_memory():
     assert auto_chunk(8, 4096, 14336, free_bytes=int((3.2 * per + result) / 0.9)) == 3
     assert auto_chunk(8, 4096, 14336, free_bytes=int((2.9 * per + result) / 0.9)) == 2
     assert auto_chunk(8, 4096, 14336, free_bytes=0) == 1                # never 0: one at a time at the least
+    # quant.budget_bits keeps one result per candidate: 4 candidates leave room for fewer stacks per call
+    assert auto_chunk(8, 4096, 14336, free_bytes=int((3.2 * per + 4 * result) / 0.9), results=4) == 3
+    assert auto_chunk(8, 4096, 14336, free_bytes=int((3.2 * per + result) / 0.9), results=4) == 1
     asym = solve_stack_bytes(4096, 14336, asymmetric=True)
     assert asym == (5 * 14336 * 14336 + 4 * 4096 * 14336) * 4
     assert auto_chunk(8, 4096, 14336, free_bytes=int((2.5 * per + result) / 0.9), asymmetric=True) == 1
