@@ -7,7 +7,9 @@ tensor, round the whole weight with them, |w - q|^2.4, sum per group, select. On
 default `gptq.scale_search`. Here one program owns BLOCK_G whole groups: it loads the
 [BLOCK_G, g] tile (and the column weights) once, keeps it in registers, and for each candidate
 computes the candidate's params per group, rounds the tile, and keeps per group the least error
-and the params that gave it. The weights are read once instead of ~400 times.
+and the params that gave it. The weights are read once instead of ~400 times. For MX formats a
+block's params are its E8M0 exponent alone, which takes only ~4 values over the 80 candidates: the
+kernel scores each exponent once and maps the winner back to its first candidate (same answer).
 
 What is exact (bit for bit equal to the torch search's arithmetic):
 - The candidate range: the group extremes lo = min(min(w), 0), hi = max(max(w), 0) times p,
@@ -26,7 +28,8 @@ What may differ: the error sum. |d|^norm is exp2(norm·log2|d|) (hardware approx
 GPU) and the sum runs in the tile's order, so two candidates whose errors are within ~1e-6
 relative may be ordered differently: a near-tie may pick the other one (the tests bound how
 often, and that the torch errors of the two picks agree to 1e-5). Exact ties (candidates with
-identical params, hence identical rounding) keep the earlier, wider range, as the torch search.
+identical params, hence identical rounding) keep the earlier, wider range, as the torch search;
+candidate 0 (fmt.params) stands where every error is inf or NaN, as there.
 
 Formats: IntFormat (symmetric and asymmetric, scale_dtype float16 / bfloat16 / float32) and
 MXFormat (every element grid and MXINT8, both scale modes); weights float32 / float16 /
@@ -40,6 +43,8 @@ interpreter is on (TRITON_INTERPRET=1, as fused_sweep), which is how the tests r
     p, idx = fused_scale_search.search(fmt, w, col_weight, grid=100, max_shrink=0.8, norm=2.4)  # + idx [..., G]
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -150,15 +155,19 @@ if triton is not None:
                 amax = tl.maximum(tl.abs(lo_p), tl.abs(hi_p))
                 raw = tl.div_rn(amax, tl.full(lo_p.shape, LEVELS / 2, tl.float32))
             s = _round_scale(raw, SCALE_ROUND, FMAX, EPS)
-        else:                                   # E8M0 shared exponent from amax's exponent bits
-            amax = tl.maximum(tl.abs(lo_p), tl.abs(hi_p))
-            e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
-            if CEIL:
-                e = e + (amax * _pow2(tl.minimum(-e, 127)) > VMAX).to(tl.int32)
-            e = tl.minimum(tl.maximum(e, -127), 127)
+        else:
+            e = _mx_exponent(tl.maximum(tl.abs(lo_p), tl.abs(hi_p)), EMAX, CEIL, VMAX)
             code = e + 127
             s = _pow2(e)
         return s, z, code
+
+    @triton.jit
+    def _mx_exponent(amax, EMAX: tl.constexpr, CEIL: tl.constexpr, VMAX: tl.constexpr):
+        """MXFormat.shared_exponent: the E8M0 exponent (int32) of a block from amax >= 0's exponent bits."""
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - EMAX
+        if CEIL:
+            e = e + (amax * _pow2(tl.minimum(-e, 127)) > VMAX).to(tl.int32)
+        return tl.minimum(tl.maximum(e, -127), 127)
 
     @triton.jit
     def _params_kernel(LO, HI, S, Z, CODE, n,
@@ -174,6 +183,21 @@ if triton is not None:
         tl.store(Z + offs, z, mask=m)
         tl.store(CODE + offs, code, mask=m)
 
+    @triton.jit
+    def _group_error(q, w, cw, jmask, HAS_CW: tl.constexpr, NORM: tl.constexpr, GP: tl.constexpr,
+                     GLEN: tl.constexpr):
+        """Σ over each row of the tile of cw · |q - w|^NORM (|d|^NORM = exp2(NORM·log2|d|), 0 at d = 0)."""
+        d = tl.abs(q - w)
+        if NORM == 2.0:
+            err = d * d
+        else:
+            err = tl.where(d == 0.0, 0.0, tl.exp2(NORM * tl.log2(tl.where(d == 0.0, 1.0, d))))
+        if HAS_CW:
+            err = err * cw
+        if GP != GLEN:
+            err = tl.where(jmask[None, :], err, 0.0)
+        return tl.sum(err, axis=1)
+
     @triton.jit(do_not_specialize=["NG", "G", "R", "s_a", "s_b", "s_c"])
     def _search_kernel(W, P, CW, S, Z, CODE, IDX,
                        NG, G, R, s_a, s_b, s_c,
@@ -183,11 +207,20 @@ if triton is not None:
                        SCALE_ROUND: tl.constexpr, FMAX: tl.constexpr, EPS: tl.constexpr,
                        EMAX: tl.constexpr, CEIL: tl.constexpr,
                        KIND: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                       MBITS: tl.constexpr, EMIN_BIASED: tl.constexpr, VMAX: tl.constexpr):
+                       MBITS: tl.constexpr, EMIN_BIASED: tl.constexpr, VMAX: tl.constexpr,
+                       NLEV: tl.constexpr):
         """Groups program_id(0)*BLOCK_G ... of W (flat [NG, GLEN], padded to GP columns): the best
         candidate per group (IDX) and its params (S; Z for asymmetric ints; CODE = E8M0 code for MX).
         FAMILY 0: IntFormat, 1: MXFormat. CW: column weights, element (a, b, c) at a*s_a + b*s_b + c*s_c
-        for flat row = a*R + b (the weight viewed as [A, R, C], C = G*GLEN)."""
+        for flat row = a*R + b (the weight viewed as [A, R, C], C = G*GLEN).
+
+        NLEV > 0 (MX only): a block's params are its E8M0 exponent alone, and over the candidates
+        (amax·p, p falling, consecutive ratios < 2) the exponent takes every value from
+        e(amax) down to e(amax·p_min), each on a run of consecutive candidates. So the NLEV >= that
+        many exponents are rounded and scored once each, in falling order (the strict < keeps the
+        first run, i.e. the widest range, as the candidate loop would), and the index is the first
+        candidate of the winning run: the candidate loop's answer with ~NLEV instead of NCAND tile
+        passes."""
         n = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)          # [BLOCK_G] groups
         j = tl.arange(0, GP)                                                          # [GP] element in group
         gmask = n < NG
@@ -199,6 +232,8 @@ if triton is not None:
             col = (n % G) * GLEN
             off = ((row // R) * s_a + (row % R) * s_b)[:, None] + (col[:, None] + j[None, :]) * s_c
             cw = tl.load(CW + off, mask=m2, other=0.0).to(tl.float32)
+        else:
+            cw = w                                         # unused
         lo = tl.minimum(tl.min(w, axis=1), 0.0)           # padding (0) changes neither: both include 0
         hi = tl.maximum(tl.max(w, axis=1), 0.0)
         best_err = tl.full((BLOCK_G,), float("inf"), tl.float32)
@@ -206,31 +241,42 @@ if triton is not None:
         best_s = tl.zeros((BLOCK_G,), tl.float32)
         best_z = tl.zeros((BLOCK_G,), tl.float32)
         best_c = tl.zeros((BLOCK_G,), tl.int32)
-        for i in range(NCAND):
-            p = tl.load(P + i)
-            lo_p = lo * p                                  # the clamped group's extremes, exactly
-            hi_p = hi * p
-            s, z, code = _params(lo_p, hi_p, FAMILY, HAS_ZERO, LEVELS, SCALE_ROUND, FMAX, EPS, EMAX, CEIL,
-                                 QMIN, QMAX, VMAX)
-            s2 = tl.broadcast_to(s[:, None], (BLOCK_G, GP))
-            z2 = tl.broadcast_to(z[:, None], (BLOCK_G, GP))
-            q = _round(w, s2, z2, KIND, HAS_ZERO, QMIN, QMAX, MBITS, EMIN_BIASED, VMAX)
-            d = tl.abs(q - w)
-            if NORM == 2.0:
-                err = d * d
-            else:
-                err = tl.where(d == 0.0, 0.0, tl.exp2(NORM * tl.log2(tl.where(d == 0.0, 1.0, d))))
-            if HAS_CW:
-                err = err * cw
-            if GP != GLEN:
-                err = tl.where(jmask[None, :], err, 0.0)
-            tot = tl.sum(err, axis=1)
-            better = tot < best_err                        # strictly: ties keep the wider range
-            best_err = tl.where(better, tot, best_err)
-            best_i = tl.where(better, i, best_i)
-            best_s = tl.where(better, s, best_s)
-            best_z = tl.where(better, z, best_z)
-            best_c = tl.where(better, code, best_c)
+        if NLEV > 0:
+            amax = tl.maximum(tl.abs(lo), tl.abs(hi))
+            e_hi = _mx_exponent(amax, EMAX, CEIL, VMAX)                   # p_0 = 1
+            e_lo = _mx_exponent(amax * tl.load(P + NCAND - 1), EMAX, CEIL, VMAX)
+            for k in range(NLEV):
+                e = e_hi - k
+                s2 = tl.broadcast_to(_pow2(e)[:, None], (BLOCK_G, GP))
+                q = _round(w, s2, s2, KIND, False, QMIN, QMAX, MBITS, EMIN_BIASED, VMAX)
+                tot = _group_error(q, w, cw, jmask, HAS_CW, NORM, GP, GLEN)
+                better = ((tot < best_err) & (e >= e_lo)) | (k == 0)        # k = 0: p = 1, always valid
+                best_err = tl.where(better, tot, best_err)
+                best_c = tl.where(better, e + 127, best_c)
+            best_s = _pow2(best_c - 127)
+            best_i = tl.full((BLOCK_G,), NCAND, tl.int32)
+            for i in range(NCAND):                                        # the first candidate of that run
+                e_i = _mx_exponent(amax * tl.load(P + i), EMAX, CEIL, VMAX)
+                best_i = tl.where((e_i + 127 == best_c) & (best_i == NCAND), i, best_i)
+        if NLEV == 0:                                      # every candidate
+            for i in range(NCAND):
+                p = tl.load(P + i)
+                lo_p = lo * p                                  # the clamped group's extremes, exactly
+                hi_p = hi * p
+                s, z, code = _params(lo_p, hi_p, FAMILY, HAS_ZERO, LEVELS, SCALE_ROUND, FMAX, EPS, EMAX, CEIL,
+                                     QMIN, QMAX, VMAX)
+                s2 = tl.broadcast_to(s[:, None], (BLOCK_G, GP))
+                z2 = tl.broadcast_to(z[:, None], (BLOCK_G, GP))
+                q = _round(w, s2, z2, KIND, HAS_ZERO, QMIN, QMAX, MBITS, EMIN_BIASED, VMAX)
+                tot = _group_error(q, w, cw, jmask, HAS_CW, NORM, GP, GLEN)
+                # strictly: ties keep the wider range; candidate 0 (fmt.params) is taken even if its error is
+                # inf or NaN, as the torch search starts from it
+                better = (tot < best_err) | (i == 0)
+                best_err = tl.where(better, tot, best_err)
+                best_i = tl.where(better, i, best_i)
+                best_s = tl.where(better, s, best_s)
+                best_z = tl.where(better, z, best_z)
+                best_c = tl.where(better, code, best_c)
         tl.store(S + n, best_s, mask=gmask)
         tl.store(IDX + n, best_i, mask=gmask)
         if HAS_ZERO:
@@ -251,6 +297,16 @@ def _format_constants(fmt) -> dict:
     else:
         c.update(FAMILY=1, HAS_ZERO=False, EMAX=fmt.emax, CEIL=fmt.scale_mode == "ceil", VMAX=float(fmt.max))
     return c
+
+
+def _mx_levels(grid: int, max_shrink: float) -> int:
+    """Exponents an MX block can take over the candidates (see _search_kernel), or 0 (score every
+    candidate) unless consecutive candidates are within a factor 2 (then the exponents form one run each).
+    e(a) - e(a·p_min) <= ceil(log2(1/p_min)), one more in "ceil" mode; levels = that + 1."""
+    ps = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
+    if ps[-1] <= 0 or any(b * 2 <= a for a, b in zip(ps, ps[1:])):
+        return 0
+    return min(len(ps), math.ceil(math.log2(1 / ps[-1])) + 2)
 
 
 def search(fmt, w: torch.Tensor, col_weight: torch.Tensor | None = None, *, grid: int, max_shrink: float,
@@ -277,6 +333,7 @@ def search(fmt, w: torch.Tensor, col_weight: torch.Tensor | None = None, *, grid
     else:
         cw, (s_a, s_b, s_c) = wc, (0, 0, 0)
     consts = _format_constants(fmt)
+    consts["NLEV"] = _mx_levels(grid, max_shrink) if consts["FAMILY"] == 1 else 0
     S = torch.empty(NG, dtype=torch.float32, device=dev)
     IDX = torch.empty(NG, dtype=torch.int32, device=dev)
     Z = torch.empty(NG, dtype=torch.float32, device=dev) if consts["HAS_ZERO"] else S
