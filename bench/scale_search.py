@@ -4,7 +4,8 @@ One OLMoE-1B-7B layer: 64 experts, gate ⊕ up W [64, 2048, 2048] and down W [64
 random N(0, 0.02) weights with 1% outliers x6. Per format and mode (mse, mse_hdiag with a random column
 weight [64, 1, C]) it reports the layer's search time both ways (median of --reps after a warm-up; the
 torch loop once, it takes ~1 s), the share of groups whose scale (and zero) agree, and, for int4 g128,
-the kernel's time per (TILE, ELEMS_PER_THREAD) so the defaults can be tuned.
+the kernel's time per (TILE, ELEMS_PER_THREAD) so the defaults can be tuned, and with FAST_LOG2 (the
+hardware log2) for int4 g128 sym/asym and mxfp4.
 
     PYTHONPATH=. python bench/scale_search.py --out bench/results/scale_search.json
     PYTHONPATH=. python bench/scale_search.py --quick          # 8 experts, seconds
@@ -97,8 +98,21 @@ def main():
                 total += timed(lambda: search_params(fmt, w, fused=True), args.reps)[1]
             tuning.append({"tile": tile, "elems_per_thread": per_thread, "fused_s": total})
             print(f"int4 g128 mse  TILE {tile:5d}  ELEMS_PER_THREAD {per_thread:2d}: {total * 1e3:7.2f} ms", flush=True)
+        fused_scale_search.TILE, fused_scale_search.ELEMS_PER_THREAD = defaults
+        fused_scale_search.FAST_LOG2 = True                                # the opt-in hardware log2
+        for label in ("int4 g128", "int4 g128 asym", "mxfp4 g32"):
+            fmt = get_format(**FORMATS[label])
+            total, same = 0.0, 1.0
+            for w, _ in mats.values():
+                search_params(fmt, w, fused=True)
+                got, t = timed(lambda: search_params(fmt, w, fused=True), args.reps)
+                total += t
+                same = min(same, agree(got, search_params(fmt, w, fused=False)))
+            tuning.append({"format": label, "fast_log2": True, "fused_s": total, "agree": same})
+            print(f"{label:15s} mse  FAST_LOG2: {total * 1e3:7.2f} ms  same params {same:.4%}", flush=True)
     finally:
         fused_scale_search.TILE, fused_scale_search.ELEMS_PER_THREAD = defaults
+        fused_scale_search.FAST_LOG2 = False
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": fused_scale_search.triton.__version__, "defaults": {"tile": defaults[0],
               "elems_per_thread": defaults[1]}, "layer": rows, "tuning": tuning}

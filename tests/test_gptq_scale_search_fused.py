@@ -251,6 +251,15 @@ def test_kernel_on_gpu_equals_torch_search():
     assert torch.equal(search_params(fmt, w).scale, search_params(fmt, w, fused=True).scale)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or fused_sweep.triton is None, reason="needs a CUDA device and Triton")
+def test_fast_log2_on_gpu(monkeypatch):
+    monkeypatch.setattr(fused_scale_search, "FAST_LOG2", True)
+    w = _weights(E=4, R=64, C=512)
+    for name, opts, weighted in INT_CASES + MX_CASES:
+        check_case(name, opts, weighted, w, device="cuda")
+
+
 if __name__ == "__main__":             # the interpreter run (see test_kernel_in_triton_interpreter)
     assert fused_scale_search.INTERPRETED and fused_scale_search.supports(get_format("int4"), _weights())
     check_params_of_extremes(INT_CASES + MX_CASES)

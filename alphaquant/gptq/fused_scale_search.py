@@ -68,6 +68,13 @@ ELEMS_PER_THREAD = 8
 kernel at ~115 registers and no spills with 8 (~60 with 4, ~210 with 16): the compiler keeps every
 element's temporaries live, so the tile a thread holds sets the occupancy. Not yet tuned on a GPU
 (bench/scale_search.py sweeps TILE and this)."""
+FAST_LOG2 = False
+"""Opt-in (CUDA only): log2|d| by the hardware's lg2.approx.f32 (inline PTX, abs error ~2^-22) instead of
+Triton's precise software log2. The kernel is compute-bound (an H200 took ~70 ms per OLMoE layer for
+every TILE tried); the static SASS of the candidate loop (int4 g128, sm_90a, 8 elements a thread) goes
+from 875 to 674 instructions. The error sums then differ from torch's by ~1e-6 relative instead of
+~1e-7: still only near-ties can change, and params stay exact. Off until bench/scale_search.py (which
+times both) and the gpu test have run with it."""
 INTERPRETER_TILE = 32768
 """Triton's interpreter runs programs one after another with numpy: fewer, larger ones are faster."""
 SCALE_ROUNDING = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -184,12 +191,20 @@ if triton is not None:
         tl.store(CODE + offs, code, mask=m)
 
     @triton.jit
+    def _log2_approx(x):
+        """lg2.approx.f32 (PTX): -inf at 0, so exp2(NORM * it) is 0 there without a select."""
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
     def _group_error(q, w, cw, jmask, HAS_CW: tl.constexpr, NORM: tl.constexpr, GP: tl.constexpr,
-                     GLEN: tl.constexpr):
+                     GLEN: tl.constexpr, FAST_LOG2: tl.constexpr):
         """Σ over each row of the tile of cw · |q - w|^NORM (|d|^NORM = exp2(NORM·log2|d|), 0 at d = 0)."""
         d = tl.abs(q - w)
         if NORM == 2.0:
             err = d * d
+        elif FAST_LOG2:
+            err = tl.exp2(NORM * _log2_approx(d))
         else:
             err = tl.where(d == 0.0, 0.0, tl.exp2(NORM * tl.log2(tl.where(d == 0.0, 1.0, d))))
         if HAS_CW:
@@ -208,7 +223,7 @@ if triton is not None:
                        EMAX: tl.constexpr, CEIL: tl.constexpr,
                        KIND: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                        MBITS: tl.constexpr, EMIN_BIASED: tl.constexpr, VMAX: tl.constexpr,
-                       NLEV: tl.constexpr):
+                       NLEV: tl.constexpr, FAST_LOG2: tl.constexpr):
         """Groups program_id(0)*BLOCK_G ... of W (flat [NG, GLEN], padded to GP columns): the best
         candidate per group (IDX) and its params (S; Z for asymmetric ints; CODE = E8M0 code for MX).
         FAMILY 0: IntFormat, 1: MXFormat. CW: column weights, element (a, b, c) at a*s_a + b*s_b + c*s_c
@@ -249,7 +264,7 @@ if triton is not None:
                 e = e_hi - k
                 s2 = tl.broadcast_to(_pow2(e)[:, None], (BLOCK_G, GP))
                 q = _round(w, s2, s2, KIND, False, QMIN, QMAX, MBITS, EMIN_BIASED, VMAX)
-                tot = _group_error(q, w, cw, jmask, HAS_CW, NORM, GP, GLEN)
+                tot = _group_error(q, w, cw, jmask, HAS_CW, NORM, GP, GLEN, FAST_LOG2)
                 better = ((tot < best_err) & (e >= e_lo)) | (k == 0)        # k = 0: p = 1, always valid
                 best_err = tl.where(better, tot, best_err)
                 best_c = tl.where(better, e + 127, best_c)
@@ -268,7 +283,7 @@ if triton is not None:
                 s2 = tl.broadcast_to(s[:, None], (BLOCK_G, GP))
                 z2 = tl.broadcast_to(z[:, None], (BLOCK_G, GP))
                 q = _round(w, s2, z2, KIND, HAS_ZERO, QMIN, QMAX, MBITS, EMIN_BIASED, VMAX)
-                tot = _group_error(q, w, cw, jmask, HAS_CW, NORM, GP, GLEN)
+                tot = _group_error(q, w, cw, jmask, HAS_CW, NORM, GP, GLEN, FAST_LOG2)
                 # strictly: ties keep the wider range; candidate 0 (fmt.params) is taken even if its error is
                 # inf or NaN, as the torch search starts from it
                 better = (tot < best_err) | (i == 0)
@@ -334,6 +349,7 @@ def search(fmt, w: torch.Tensor, col_weight: torch.Tensor | None = None, *, grid
         cw, (s_a, s_b, s_c) = wc, (0, 0, 0)
     consts = _format_constants(fmt)
     consts["NLEV"] = _mx_levels(grid, max_shrink) if consts["FAMILY"] == 1 else 0
+    consts["FAST_LOG2"] = FAST_LOG2 and not INTERPRETED
     S = torch.empty(NG, dtype=torch.float32, device=dev)
     IDX = torch.empty(NG, dtype=torch.int32, device=dev)
     Z = torch.empty(NG, dtype=torch.float32, device=dev) if consts["HAS_ZERO"] else S
