@@ -79,10 +79,10 @@ class IntFormat(Format):
         return QParams(round_scale(raw, self.scale_dtype), zero)
 
     def _codes(self, wg: torch.Tensor, p: QParams) -> torch.Tensor:
-        x = wg / p.scale.unsqueeze(-1)                              # [..., G, g]
+        x = wg / p.scale.unsqueeze(-1)                              # [..., G, g], the only full-size temporary
         if p.zero is not None:
-            x = x + p.zero.unsqueeze(-1)                            # before rounding, as compressed-tensors
-        return torch.round(x).clamp(self.qmin, self.qmax)
+            x.add_(p.zero.unsqueeze(-1))                            # before rounding, as compressed-tensors
+        return x.round_().clamp_(self.qmin, self.qmax)
 
     def round_with(self, w: torch.Tensor, p: QParams) -> torch.Tensor:
         wg = groups_like(w, p.scale, self.name)                     # [..., G, g]

@@ -199,9 +199,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: 
         Qt, loss = fused_sweep.fused_gptq_sweep(Wt, Hinv, fmt.elementwise_rounding(), p_static, order // g, blocksize)
     else:
         Qt, loss = gptq_sweep(Wt, Hinv, fmt, colparams, blocksize, cuda_graph)
+    # the sweep's inputs are spent (Wt holds only lazy-update leftovers): free them before the result and the
+    # codes are built, so the solve's peak is the sweep's and not sweep + encode (gptq.expert_chunk auto and
+    # memory_plan count SOLVE_WEIGHT_COPIES working [R, C] tensors per stack)
+    del Wt, Wf, Hinv
     inv = torch.argsort(order, dim=-1)                                   # [E, C] position of each column
     Q = Qt.gather(1, inv[:, :, None].expand(E, C, R)).transpose(1, 2).contiguous()  # [E, R, C] original order
     if static_groups:
+        del Qt
         params, codes = p_static, fmt.encode(Q, p_static)
     else:
         # groups are contiguous in processing order: encode there, then un-permute codes
