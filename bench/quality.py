@@ -63,9 +63,13 @@ FORMATS = {   # name -> (quant.default, quant.overrides, llm-compressor config g
     "budget3.0": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
     "budget3.25": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
     "budget3.5": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
+    # the same 3.0 bits with group-128 candidates too (int2/3/4 at 2.125 / 3.125 / 4.125 bits)
+    "budget3.0+g128": ({"wq": "int4", "group_size": 64, "sym": True}, [], None),
 }
 GRID_FORMATS = ("w3g64", "w4g64", "w4g128", "mxfp4")
-BUDGETS = {f: {"budget_bits": float(f[6:]), "budget_candidates": ["int2", "int3", "int4", "int8"]}
+BUDGETS = {f: {"budget_bits": float(f[6:].split("+")[0]),
+               "budget_candidates": ["int2", "int3", "int4", "int8"] + (
+                   ["int2/128", "int3/128", "int4/128"] if f.endswith("+g128") else [])}
            for f in FORMATS if f.startswith("budget")}
 DEFAULTS = {"act_order": False, "damp": 0.01, "true_sequential": True, "scale_search": "none", "hessian": "routed"}
 OURS = {   # method -> changes from DEFAULTS
