@@ -197,9 +197,9 @@ class GptqConfig:
     scale_search: Literal["none", "mse", "mse_hdiag"] = "mse"
     # GPTAQ: solve toward the fp layer's outputs on the fp model's inputs (alphaquant/gptq/gptaq.py) instead of
     # on the quantized model's own inputs; keeps a second calibration cache (fp inputs: 2x that memory) and an
-    # fp copy of the layer being calibrated; not with calibration.hessian all_experts. It lowered the W3 g64
-    # perplexity gap on all three bench/quality.py models (README "Quality"); off by default until its GPU cost
-    # is measured
+    # fp copy of the layer being calibrated; not with calibration.hessian all_experts. It lowered the perplexity gap
+    # in every bench/quality.py format (W3 g64: 0.43x -> 0.17x llm-compressor's) but doubled the end-to-end time and
+    # added 4.5 GiB on OLMoE-1B-7B shapes on one H200 (README "Quality"): off by default for that cost
     asymmetric: bool = False
     # experts of a bucket (stacks of one shape and format) per GPTQ solve call: the solve's Hessian-sized
     # temporaries scale with it (callbacks/solve.py). 0 = all at once (fastest); N = N at a time (less GPU
