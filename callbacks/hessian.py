@@ -439,8 +439,17 @@ class HessianCollector(Callback):
             X = torch.cat(parts) if parts else act[:0]
         accumulate_segments(big, X, counts, self._power(w), ex)
         if self.asymmetric and X.shape[0]:
-            X_fp = torch.cat([self._fp_expert_rows(block, leaf, e, plan) for e in sorted(experts) if plan.counts[e]])
+            X_fp = self._fp_down_rows(block, leaf, experts, plan)
             accumulate_cross_segments(self._cross_big[(block, leaf)], X_fp, X, counts, self._power(w))
+
+    def _fp_down_rows(self, block: str, leaf: str, experts: dict, plan: RoutePlan) -> torch.Tensor:
+        """The fp layer's down_proj inputs of `experts` at the quantized routing's rows (plan order): one grouped
+        pass of the fp block over all experts where it can run one (the same rows as per expert, bit for bit on
+        CPU), else expert by expert."""
+        fp_block, x = self._fp_layer.get_submodule(block), self._fp_in[block]
+        if len(experts) == len(plan.counts) and hasattr(fp_block, "down_inputs") and fp_block.grouped_blocker(x) is None:
+            return fp_block.down_inputs(x, plan)
+        return torch.cat([self._fp_expert_rows(block, leaf, e, plan) for e in sorted(experts) if plan.counts[e]])
 
     def _power(self, w: torch.Tensor | None) -> torch.Tensor | None:
         """Routing weights as this mode weights the tokens (None: each token counts 1)."""

@@ -344,6 +344,23 @@ class SparseMoeBlock(nn.Module):
             contrib[rows] = (y * route.weights[rows][:, None]).to(x.dtype)
         return contrib
 
+    def _stacked(self, leaf: str) -> torch.Tensor:
+        """[E, K, N]: the transposed view of the experts' `leaf` weights stacked [E, N, K]."""
+        return torch.stack([m._modules[leaf].weight for m in self.experts]).transpose(1, 2)
+
+    def down_inputs(self, x: torch.Tensor, route: ExpertRoute, offs: torch.Tensor | None = None) -> torch.Tensor:
+        """(T*k, I): every expert's down_proj input silu(gate(x))·up(x) at its routed rows of x [T, H] (route's
+        sorted order), two grouped matmuls; the rows the loop's per-expert linears compute (bit for bit on CPU).
+        Needs `grouped_blocker(x) is None`. GPTAQ's collector asks the fp layer's block for these."""
+        mm = _grouped_mm_fn()
+        g, u, _ = self.experts[0].names
+        if offs is None:
+            offs = route.ends.to(torch.int32)
+        xs = x.index_select(0, route.token_idx)                                           # (T*k, H)
+        h = F.silu(mm(xs, self._stacked(g), offs=offs))                                   # (T*k, I)
+        h.mul_(mm(xs, self._stacked(u), offs=offs))
+        return h
+
     def _experts_grouped(self, x: torch.Tensor, route: ExpertRoute) -> torch.Tensor:
         """All experts at once -> (T*k, H) weighted outputs, rows sorted by expert; no host sync.
 
@@ -354,18 +371,9 @@ class SparseMoeBlock(nn.Module):
         the loop by an ulp in float32.
         """
         mm = _grouped_mm_fn()
-        g, u, d = self.experts[0].names
         offs = route.ends.to(torch.int32)                                                 # [E] cumulative counts
-
-        def stacked(n: str) -> torch.Tensor:                                              # [E, K, N] view
-            return torch.stack([m._modules[n].weight for m in self.experts]).transpose(1, 2)
-
-        xs = x.index_select(0, route.token_idx)                                           # (T*k, H)
-        h = F.silu(mm(xs, stacked(g), offs=offs))                                         # (T*k, I)
-        h.mul_(mm(xs, stacked(u), offs=offs))
-        del xs
-        h = self.expert_act(h)
-        y = mm(h, stacked(d), offs=offs)                                                  # (T*k, H)
+        h = self.expert_act(self.down_inputs(x, route, offs))                             # (T*k, I)
+        y = mm(h, self._stacked(self.experts[0].names[2]), offs=offs)                     # (T*k, H)
         del h
         # in place: computed in the promoted dtype (fp32 for Mixtral's weights) and rounded once to x's, as the
         # loop's (y * w).to(x.dtype), without a [T*k, H] fp32 temporary
