@@ -137,8 +137,9 @@ class HessianCollector(Callback):
         self._handles.clear()
         if self._learning:
             self._agree_keys()
-        if "forward" in vars(runner.block):
-            del runner.block.forward
+        for blk in (runner.block, self._fp_layer):
+            if blk is not None and "forward" in vars(blk):
+                del blk.forward
         i = runner.plan.layer_index
         self.layer_seconds[i] = self.layer_seconds.get(i, 0.0) + self._timer.seconds()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -264,16 +265,33 @@ class HessianCollector(Callback):
     # -- gptq.asymmetric -----------------------------------------------------------------------
     def _hook_fp(self, fp):
         """Pre-hooks on the fp copy of the layer: the inputs of the group's non-expert linears and of every
-        MoE block (routed experts' fp inputs are taken from it at the quantized routing's tokens)."""
+        MoE block (routed experts' fp inputs are taken from it at the quantized routing's tokens).
+
+        With early stop the fp forward ends at the pre-hook that completes what the group needs (its non-expert
+        linears' inputs, and the MoE block inputs when it has routed experts): the fp layer's experts never run
+        for a group of attention linears or of routed experts (their fp down inputs are computed from the block
+        input, `_fp_down_rows`), which is most of an MoE layer's forward."""
+        need = {n for n in self._group if not self._is_expert(n)}
+        if any(self._is_expert(n) for n in self._group):
+            need |= {b.name for b in self.blocks}
+        seen: set[str] = set()
+
         def keep(name):
             def pre(_mod, args):
                 self._fp_in[name] = args[0].reshape(-1, args[0].shape[-1])
+                if self.early_stop and name in need:
+                    seen.add(name)
+                    if seen >= need:
+                        raise StopForward
             return pre
+        self._handles.append(fp.register_forward_pre_hook(lambda *_: seen.clear()))   # each batch from scratch
         for n in self._group:
             if not self._is_expert(n):
                 self._handles.append(fp.get_submodule(n).register_forward_pre_hook(keep(n)))
         for b in self.blocks:
             self._handles.append(fp.get_submodule(b.name).register_forward_pre_hook(keep(b.name)))
+        if self.early_stop and need:
+            self._wrap_forward(fp)
 
     def _fp_rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
         fp = self._fp_in.get(name)

@@ -251,3 +251,25 @@ def test_eval_only_reads_a_generic_checkpoint(work, capsys):
     printed = capsys.readouterr().out
     got = json.loads(printed[printed.index("{"):])["perplexity"]
     assert got == pytest.approx(s.results["perplexity"]["quantized"], rel=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "llama"])
+def test_gptaq_generic_early_stop_exact(model_type, work, monkeypatch):
+    """gptq.asymmetric on transformers' own classes: the fp copy of each layer stops once its group's inputs exist,
+    with the same quantized weights as a run whose forwards all go to the end, and not those of plain GPTQ."""
+    from alphaquant.callbacks.hessian import HessianCollector
+
+    def linears(s):
+        return {n: m.weight.detach().clone() for n, m in s.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    plain = linears(run(work, model_type, eval={"enabled": False})[0])
+    early = linears(run(work, model_type, eval={"enabled": False}, gptq={"asymmetric": True})[0])
+    init = HessianCollector.__init__
+
+    def no_early_stop(self, *a, **k):
+        init(self, *a, **k)
+        self.early_stop = False
+    monkeypatch.setattr(HessianCollector, "__init__", no_early_stop)
+    # block_size 128 is the default: it only gives this run its own key in the fixture's cache
+    full = linears(run(work, model_type, eval={"enabled": False}, gptq={"asymmetric": True, "block_size": 128})[0])
+    assert all(torch.equal(early[n], full[n]) for n in early)
+    assert any(not torch.equal(early[n], plain[n]) for n in early if ".layers.1." in n)

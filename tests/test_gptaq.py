@@ -181,3 +181,32 @@ def test_pipeline(checkpoint, monkeypatch):
                 for W, H, P, Wt in attn)
         assert a < b
     assert any(not torch.equal(on_w[n], off_w[n]) for n in on_w if ".layers.1." in n)
+
+
+def test_fp_layer_early_stop_changes_nothing(checkpoint, monkeypatch):
+    """The fp copy of the layer stops at the pre-hook that completes its group's inputs (its experts never run for
+    attention or routed-expert groups): the quantized weights are the same, bit for bit, as with every forward
+    run to the end, and the stop really happens."""
+    root, corpus, ckpt = checkpoint
+    cfg = dict(eval={"enabled": False}, gptq={"asymmetric": True})
+    stopped = []
+    original = HessianCollector._hook_fp
+
+    def counting(self, fp):
+        original(self, fp)
+        if "forward" in vars(fp):          # wrapped: this pass may stop the fp forward early
+            stopped.append(tuple(self._group))
+    monkeypatch.setattr(HessianCollector, "_hook_fp", counting)
+    early = _linears(run_session(write_config(root / "early.yaml", ckpt, corpus, **cfg)))
+    assert any(any("experts" in n for n in g) for g in stopped) and any(
+        all("self_attn" in n for n in g) for g in stopped)
+    init = HessianCollector.__init__
+
+    def no_early_stop(self, *a, **k):
+        init(self, *a, **k)
+        self.early_stop = False
+    monkeypatch.setattr(HessianCollector, "__init__", no_early_stop)
+    full = _linears(run_session(write_config(root / "full.yaml", ckpt, corpus, **cfg)))
+    assert early.keys() == full.keys()
+    for n in early:
+        assert torch.equal(early[n], full[n]), n
