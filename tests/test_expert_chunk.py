@@ -317,7 +317,7 @@ def test_estimate_buckets_of_a_tiny_mixtral(mixtral, capsys):
 # --- peak memory, measured --------------------------------------------------------------------------------------
 
 PEAK_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, os, sys, threading, time, torch
     sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
     torch.set_num_threads(1)
     import test_expert_chunk as t
@@ -330,10 +330,21 @@ PEAK_SCRIPT = textwrap.dedent("""
     solve = GPTQSolve(t._Collector(layer, ("w2",), E), specs, lambda i: "", solver_options(g),
                       expert_chunk=int(sys.argv[1]))
     runner = t.SimpleNamespace(plan=t.SimpleNamespace(phase="collect", layer_index=0), block=layer)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the resident set sampled every 0.2 ms while the solve runs (torch ops release the GIL), not ru_maxrss: a
+    # high-water mark from before the solve (seen after other tests had run in the parent) would hide its peak
+    page = os.sysconf("SC_PAGE_SIZE") // 1024
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+    base, peak, done = rss(), [0], threading.Event()
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0002)
+    th = threading.Thread(target=sample)
+    th.start()
     solve.on_predict_end(None, runner)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_kib": after - before}))
+    done.set()
+    th.join()
+    print(json.dumps({"peak_kib": max(peak[0], rss()) - base}))
 """)
 
 
@@ -347,7 +358,7 @@ def _peak_kib(chunk: int) -> int:
 
 def test_chunked_solve_peak_memory_drops():
     """8 experts' down_proj [256, 1024]: one Hessian is 4 MiB; solved all at once the solve adds ~8 x (3 Hessians +
-    4 weights) = 128 MiB above the collected Hessians, one at a time ~16 MiB (ru_maxrss of a fresh process)."""
+    4 weights) = 128 MiB above the collected Hessians, one at a time ~16 MiB (resident set of a fresh process)."""
     whole, one = _peak_kib(0), _peak_kib(1)
     assert whole > 80 * 1024, whole
     assert one < 0.4 * whole, (one, whole)
