@@ -103,13 +103,8 @@ class GPTQSolve(Callback):
         for sl, H in hess.parts(0, len(stacks)):   # every rank checks every stack: all raise alike under DDP
             _check_finite(None, H, stacks[sl], prefix)
             if asym:
-                Wt = self.collector.asymmetric_target(W[sl], H, keys[sl], self.opts["damp"])
-                if hess.chunk >= len(stacks):
-                    target = Wt
-                else:
-                    target = torch.empty_like(W) if target is None else target
-                    target[sl] = Wt
-                del Wt
+                target = _place(target, self.collector.asymmetric_target(W[sl], H, keys[sl], self.opts["damp"]),
+                                sl, 0, len(stacks))
             del H
         return (W if target is None else target), hess, states
 
@@ -160,13 +155,7 @@ class GPTQSolve(Callback):
             fallbacks += list(res.fallback)
             part = _result_tensors(res, fmt, W[sl])
             del res
-            if sl.stop - sl.start == hi - lo:
-                out = part
-            else:
-                if out is None:
-                    out = {k: v.new_empty((hi - lo, *v.shape[1:])) for k, v in part.items()}
-                for k, v in part.items():
-                    out[k][sl.start - lo:sl.stop - lo] = v
+            out = {k: _place(None if out is None else out[k], v, sl, lo, hi - lo) for k, v in part.items()}
             del part
         return out, losses, fallbacks
 
@@ -226,6 +215,17 @@ def _stack_rows(layer, stacks):
             rows = slice(row, row + layer.get_submodule(n).out_features)
             row = rows.stop
             yield e, n, rows
+
+
+def _place(out, part: torch.Tensor, sl: slice, lo: int, n: int) -> torch.Tensor:
+    """Chunk `part` (stacks sl of the n stacks lo..lo+n-1) into `out`: part itself when it holds all n, else copied
+    into out (allocated like part with n rows when None)."""
+    if sl.stop - sl.start == n:
+        return part
+    if out is None:
+        out = part.new_empty((n, *part.shape[1:]))
+    out[sl.start - lo:sl.stop - lo] = part
+    return out
 
 
 class _Hessians:
