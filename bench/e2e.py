@@ -335,6 +335,13 @@ def stage_ours(args, work: Path) -> dict:
         sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
         (work / "profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
         (work / "profile_cpu.txt").write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=60))
+        if args.trace:             # the timeline (chrome://tracing, Perfetto): where the GPU waits for the host
+            import gzip
+            import shutil
+            prof.export_chrome_trace(str(work / "trace.json"))
+            with open(work / "trace.json", "rb") as src, gzip.open(work / "trace.json.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            (work / "trace.json").unlink()
     rank = session.trainer.global_rank
     if args.devices > 1:       # every rank's peak memory; rank 0 reports them all (ranks re-run this stage)
         write_json(work / f"ours_{args.devices}gpu_rank{rank}_memory.json", memory(args.device))
@@ -643,6 +650,8 @@ def stage_argv(args) -> list[str]:
         argv.append("--profile")
     if args.cprofile:
         argv.append("--cprofile")
+    if args.trace:
+        argv.append("--trace")
     return argv
 
 
@@ -686,6 +695,7 @@ def main(argv=None) -> dict:
     p.add_argument("--serve", action="store_true",
                    help="load our checkpoint with transformers too: logits and a greedy continuation vs ours")
     p.add_argument("--profile", action="store_true", help="torch.profiler over our run (workdir/profile*.txt)")
+    p.add_argument("--trace", action="store_true", help="with --profile: also the timeline, workdir/trace.json.gz")
     p.add_argument("--cprofile", action="store_true", help="cProfile over our run (workdir/cprofile_*.txt)")
     p.add_argument("--workdir", default=None, help="scratch directory, kept (default: a temporary one, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the temporary scratch directory")
