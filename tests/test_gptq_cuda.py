@@ -68,3 +68,19 @@ def test_fast_hessian_matches_fp64(dtype, weighted):
     xd = x.double()
     ref = (xd * (1 if c is None else c.double()[:, None])).T @ xd
     assert_close(H.cpu().double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hessian_state_of_a_plain_linear_matches_fp64(weighted):
+    """HessianState.add (the attention and shared linears' Hessians) on CUDA bf16 [B, T, C] inputs: the sums and
+    counts of a float64 reference."""
+    from alphaquant.gptq.hessian import HessianState
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 1500, 192, generator=g) * 2).to(torch.bfloat16)
+    c = torch.rand(2, 1500, generator=g).masked_fill_(torch.rand(2, 1500, generator=g) < 0.2, 0) if weighted else None
+    state = HessianState.zeros(192, device="cuda").add(x.cuda(), None if c is None else c.cuda())
+    xd = x.double().reshape(-1, 192)
+    cd = torch.ones(3000, dtype=torch.float64) if c is None else c.double().reshape(-1)
+    ref = (xd * cd[:, None]).T @ xd
+    assert_close(state.H.cpu().double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert int(state.n_tokens) == int((cd > 0).sum()) and abs(float(state.weight_sum) - float(cd.sum())) < 1e-6
