@@ -126,7 +126,11 @@ class HessianCollector(Callback):
         self._learn_stop = self.early_stop and plain and self._stop_name is None
         self._stop_at_router = (self.early_stop and len(group) > 0
                                 and all(n in self._from_block_input for n in group))
-        if self._stop_name is not None or self._learn_stop or self._stop_at_router:
+        # a group of routed experts' down_proj (fed from the blocks' expert_act): stop once every such block has
+        # handed out its activations, before the down matmul, the combine and anything after the block
+        self._stop_at_act = (self.early_stop and len(group) > 0 and bool(self._from_expert_act)
+                             and all(n in self._from_expert_act or n in self._from_block_input for n in group))
+        if self._stop_name is not None or self._learn_stop or self._stop_at_router or self._stop_at_act:
             self._wrap_forward(layer)
 
     def on_predict_end(self, trainer, runner):
@@ -335,6 +339,9 @@ class HessianCollector(Callback):
         if any(k[0] == b.name for k in self._via_act):
             def acts(_mod, _args, out):
                 self._acts[b.name] = out
+                if self._stop_at_act and all(k[0] in self._acts for k in self._via_act) \
+                        and all(bl.name in self._routing for bl in self.blocks):
+                    raise StopForward
             self._handles.append(layer.get_submodule(b.name).expert_act.register_forward_hook(acts))
         if self.mode == "all_experts" or any(k[0] == b.name and v[2] for k, v in self.batched.items()):
             def block_in(_mod, args):

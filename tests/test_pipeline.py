@@ -194,3 +194,45 @@ def test_early_stop_learned_once_and_hessians_unchanged(checkpoints):
         assert ref.keys() == got.keys()
         for k in ref:
             assert torch.equal(ref[k], got[k]), k
+
+
+def test_down_group_stops_at_expert_act_and_hessians_unchanged(checkpoints):
+    """The routed experts' down_proj group (fed from the block's expert_act on its grouped path) stops once the
+    activations exist: the MoE block never finishes its forward; the Hessians equal full forwards'."""
+    from alphaquant.arch import get_adapter
+    from alphaquant.pipeline.runner import PassPlan
+    from alphaquant.callbacks.hessian import HessianCollector
+
+    _, _, dirs = checkpoints
+    model = models.from_pretrained(dirs["olmoe"], dtype="fp32")
+    adapter = get_adapter(model)
+    layer = model.model.layers[0]
+    group = adapter.sequential_groups(layer)[-1]
+    assert all(n.endswith("down_proj") for n in group)
+    batches = [model.prepare_layer_inputs(torch.arange(32).reshape(2, 16) + 7 * b) for b in range(2)]
+    finished = []
+
+    def collect(col):
+        class Runner:
+            block, device = layer, torch.device("cpu")
+            plan = PassPlan("collect", "calib", 0, len(adapter.sequential_groups(layer)) - 1, group)
+        h = layer.mlp.register_forward_hook(lambda *_: finished.append(1))
+        col.on_predict_start(None, Runner)
+        assert col._from_expert_act == set(group)          # the grouped path's hook point, not per-expert hooks
+        with torch.no_grad():
+            for hidden, kw in batches:
+                Runner.block(hidden, **kw)
+        col.on_predict_end(None, Runner)
+        h.remove()
+        return {k: (s.H.clone(), int(s.n_tokens)) for k, s in col.states.items()}
+
+    full = HessianCollector(adapter)
+    full.early_stop = False
+    reference = collect(full)
+    assert len(finished) == 2
+    finished.clear()
+    stopped = collect(HessianCollector(adapter))
+    assert finished == []
+    assert reference.keys() == stopped.keys()
+    for k in reference:
+        assert torch.equal(reference[k][0], stopped[k][0]) and reference[k][1] == stopped[k][1], k
