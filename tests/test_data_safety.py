@@ -16,12 +16,11 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import prewarmed
 import tiny
 from pipeline_utils import write_config
 
@@ -131,11 +130,10 @@ def test_a_parent_that_is_a_file_is_found_before_the_run(env, capsys):
 
 
 def _cmd(cfg: Path, *extra, script: str | None = None, env_extra=None, timeout=600):
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1",
-           **(env_extra or {})}
-    argv = [sys.executable, str(REPO / "train_quant.py")] if script is None else [sys.executable, "-c", script]
-    return subprocess.run(argv + ["--config", str(cfg), *map(str, extra)], cwd=cfg.parent, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """`python train_quant.py --config cfg *extra` (or `python -c script ...`) in its own process, forked from
+    one that has done the imports (tests/prewarmed.py: OMP_NUM_THREADS=1, the repository on PYTHONPATH)."""
+    return prewarmed.run(["--config", cfg, *extra], cwd=cfg.parent, script=script, env_extra=env_extra,
+                         timeout=timeout)
 
 
 def _weights(d: Path) -> dict[str, bytes]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import prewarmed
 import tiny
 from pipeline_utils import write_config
 
@@ -40,13 +41,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _cmd(cfg: Path, *, kill_at: int | None = None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    """`python train_quant.py --config cfg` (or the KILLER script) in its own process, forked from one that has
+    done the imports (tests/prewarmed.py: OMP_NUM_THREADS=1, the repository on PYTHONPATH)."""
     if kill_at is None:
-        argv = [sys.executable, str(REPO / "train_quant.py"), "--config", str(cfg)]
-    else:
-        argv = [sys.executable, "-c", KILLER, "--config", str(cfg)]
-        env["KILL_AT"] = str(kill_at)
-    return subprocess.run(argv, cwd=cfg.parent, env=env, capture_output=True, text=True, timeout=600)
+        return prewarmed.run(["--config", cfg], cwd=cfg.parent)
+    return prewarmed.run(["--config", cfg], cwd=cfg.parent, script=KILLER, env_extra={"KILL_AT": kill_at})
 
 
 @pytest.fixture(scope="module")
