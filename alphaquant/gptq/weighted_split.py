@@ -4,8 +4,8 @@
 hi = half(c·x) and lo = half(c·x − hi) (c·x in float32). In torch that is a float32 temporary and three casts
 with mixed dtypes, which run TensorIterator's dynamic-casting kernels: about 28 bytes of memory traffic per
 element and, on an H200, ~60 ms of each MoE layer's gate/up collect pass. Here ONE Triton kernel reads x and c
-once and writes hi and lo (6 bytes per element), with the same float32 product and round-to-nearest-even casts,
-so hi and lo are those values bit for bit.
+once and writes hi and lo (6 bytes per element), with the same float32 product (no fused multiply-add:
+it would skip that rounding) and round-to-nearest-even casts, so hi and lo are those values bit for bit.
 
 Triton is optional (`available()`): CPU tensors, and installs without Triton, take the torch expression.
 """
@@ -72,5 +72,6 @@ def split_weighted(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torc
     hi, lo = torch.empty_like(x), torch.empty_like(x)
     n = x.numel()
     _split_kernel[(triton.cdiv(n, BLOCK),)](x, c, hi, lo, n, x.shape[-1], BLOCK=BLOCK,
-                                             BF16=x.dtype == torch.bfloat16, num_warps=8)
+                                             BF16=x.dtype == torch.bfloat16, num_warps=8,
+                                             enable_fp_fusion=False)   # c·x rounded to fp32 before - hi, as torch
     return hi, lo
