@@ -191,3 +191,9 @@ def test_estimate_terms_are_the_counts(tiny_model):
     assert "cached inputs" not in pinned["gpu"] and pinned["host"]["cached inputs (pinned)"] == n * t * 64 * 2
     assert pinned["gpu_total"] == est["gpu_total"] - n * t * 64 * 2
     assert pinned["host_total"] == est["host_total"] + n * t * 64 * 2
+    # calibration.reuse_attention: one more calibration cache and one batch, where the cache is
+    reuse = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b, reuse_attention=True)
+    assert reuse["gpu"]["attention reuse cache"] == (n + b) * t * 64 * 2
+    assert reuse["gpu_total"] == est["gpu_total"] + (n + b) * t * 64 * 2 and reuse["host_total"] == est["host_total"]
+    both = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b, reuse_attention=True, cache_on_host=True)
+    assert both["gpu_total"] == pinned["gpu_total"] and both["host_total"] == pinned["host_total"] + (n + b) * t * 64 * 2

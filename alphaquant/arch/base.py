@@ -116,6 +116,18 @@ class ArchAdapter:
             return layer.to(device) if device is not None else layer
         return models.install_layer(model, i, tensors, device)
 
+    def attention_reuse(self, layer: nn.Module):
+        """Where layer's forward can resume part-way (calibration's attention reuse), or None: the local families'
+        DecoderLayer (models/common/decoder.py, `resume=`); transformers' layers cannot."""
+        from alphaquant.models.common.decoder import DecoderLayer
+        from alphaquant.pipeline.attention_reuse import ReusePoints
+
+        if type(layer).forward is not DecoderLayer.forward:
+            return None
+        attn = [f"self_attn.{n}" for n, m in layer.self_attn.named_children() if isinstance(m, nn.Linear)]
+        return ReusePoints(qkv=frozenset(n for n in attn if n != "self_attn.o_proj"), o="self_attn.o_proj",
+                           h="post_attention_layernorm")
+
     def unload_layer(self, model: nn.Module, i: int) -> None:
         """Free layer i's weights if the model was loaded lazily (an eager model keeps them)."""
         if getattr(model, "lazy", False):

@@ -101,6 +101,10 @@ class CalibrationConfig:
     # (fastest); cpu = in pinned host memory, one batch at a time copied to the accelerator and its outputs
     # back (less accelerator memory, a host<->device copy per batch and pass; identical results)
     cache_device: Literal["auto", "gpu", "cpu"] = "auto"
+    # true-sequential passes of a layer after its attention linears are solved start from the attention half's
+    # output cached by an earlier pass instead of recomputing it (local families; same bits): one calibration
+    # cache more, where cache_device says; false = recompute (less memory)
+    reuse_attention: bool = True
     # dataset self: where the windows' first tokens come from (same kinds of source as dataset, its split and
     # text_field; seeded random windows); null = every window starts from the BOS token (else EOS)
     self_prompts: str | None = None

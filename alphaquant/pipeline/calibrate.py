@@ -42,7 +42,7 @@ def build_and_walk(session, writer_factory) -> dict:
     opts = WalkOptions(true_sequential=g.true_sequential, evaluate=cfg.eval.enabled,
                        eval_before=cfg.eval.before, eval_rtn=cfg.eval.rtn,
                        cache_device="cpu" if cfg.calibration.cache_device == "cpu" else None,
-                       asymmetric=g.asymmetric)
+                       asymmetric=g.asymmetric, reuse_attention=cfg.calibration.reuse_attention)
     rank0 = trainer.global_rank == 0
     n_layers = adapter.num_layers(session.model)
     # the saved run and the eval.compare_hessians runs are told apart in logs without a terminal

@@ -11,6 +11,9 @@ accelerator (one GPU; under DDP each rank holds its share of the cached inputs, 
   cached inputs     every stream's layer inputs, kept on the accelerator between passes (SampleStore):
                     calibration.num_samples x seq_len x hidden_size x dtype bytes, plus each evaluation stream's
                     windows (quantized, original with eval.before, RTN with eval.rtn) when their number is known
+  attention reuse   calibration.reuse_attention (local families, true-sequential, not gptq.asymmetric): the
+                    attention half's output of every calibration sample, one more calibration cache, plus one
+                    batch while a pass replaces one such cache by the next (pipeline/attention_reuse.py)
   embedding         a device copy of the embedding during layer 0 (vocab_size x hidden_size)
   Hessians          of the largest true-sequential group: one fp32 C x C matrix per distinct input
                     (an expert's gate/up share one, so E x C x C for the routed experts; q/k/v share one)
@@ -95,7 +98,8 @@ class ModelShape:
 def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, batch_size: int,
                          eval_windows: int | None = 0, eval_seq_len: int = 0, eval_batch_size: int = 1,
                          eval_streams: int = 0, rtn: bool = False, gpu: bool = True, devices: int = 1,
-                         cache_on_host: bool = False, expert_chunk: int | str = 0, asymmetric: bool = False) -> dict:
+                         cache_on_host: bool = False, expert_chunk: int | str = 0, asymmetric: bool = False,
+                         reuse_attention: bool = False) -> dict:
     """{"gpu": {term: bytes}, "host": {term: bytes}, "gpu_total", "host_total", "per_eval_window"}.
 
     Each layer term is the largest over the model's layers. eval_windows None: unknown (the per-window cost
@@ -104,7 +108,8 @@ def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, b
     cache_on_host: calibration.cache_device cpu, the cached inputs live in pinned host memory instead.
     expert_chunk: gptq.expert_chunk, stacks per solve call (0 and "auto": a whole bucket, what auto does when the
     GPU has room; "solve_chunk_1" is the solve term at 1, the least auto or a setting can reach); asymmetric:
-    gptq.asymmetric (more Hessian-sized copies per stack)."""
+    gptq.asymmetric (more Hessian-sized copies per stack); reuse_attention: the attention reuse cache is held (the
+    caller decides whether the run's layers and settings allow it: `plan_memory`)."""
     b, h = shape.dtype_bytes, shape.hidden_size
     devices = max(int(devices), 1)
     layers = shape.layers or [LayerShape(0, 0, 0, 0)]
@@ -127,8 +132,12 @@ def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, b
               "activations or solve": max(activations, solve_excess)}
     ids = num_samples * seq_len * TOKEN_WINDOW_BYTES * devices + (eval_windows or 0) * eval_seq_len * 8 * devices
     host = {"outside layers": shape.outside_bytes, "layer staging": 2 * weights, "token ids": ids}
+    if reuse_attention:
+        device["attention reuse cache"] = -(-num_samples // devices) * seq_len * h * b + batch_size * seq_len * h * b
     if cache_on_host and gpu:
         host["cached inputs (pinned)"] = device.pop("cached inputs")
+        if reuse_attention:
+            host["attention reuse cache (pinned)"] = device.pop("attention reuse cache")
     if not gpu:
         device.pop("embedding (layer 0)")        # on CPU the embedding is used where it is
         host.update({f"{k} (CPU run)": v for k, v in device.items()})
@@ -251,6 +260,9 @@ def plan_memory(cfg, model, adapter, specs) -> dict:
     streams = (1 + int(ev.before) + int(ev.rtn)) if ev.enabled else 0
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     shape = model_shape(model, adapter, specs, cfg.gptq.true_sequential)
+    layers = adapter.decoder_layers(model)
+    reuse = (cal.reuse_attention and cfg.gptq.true_sequential and not cfg.gptq.asymmetric and len(layers) > 0
+             and adapter.attention_reuse(layers[0]) is not None)
 
     def estimate(chunk):
         return estimate_peak_memory(shape, num_samples=cal.num_samples, seq_len=cal.seq_len, batch_size=cal.batch_size,
@@ -258,7 +270,7 @@ def plan_memory(cfg, model, adapter, specs) -> dict:
                                     eval_batch_size=ev.batch_size, eval_streams=streams, rtn=ev.enabled and ev.rtn,
                                     gpu=cfg.trainer.accelerator != "cpu", devices=devices,
                                     cache_on_host=getattr(cal, "cache_device", "auto") == "cpu",
-                                    expert_chunk=chunk, asymmetric=cfg.gptq.asymmetric)
+                                    expert_chunk=chunk, asymmetric=cfg.gptq.asymmetric, reuse_attention=reuse)
     est = estimate(cfg.gptq.expert_chunk)
     one = estimate(1)                 # the least the solve can take: what a smaller GPU would need
     est["gpu_total_chunk_1"], est["host_total_chunk_1"] = one["gpu_total"], one["host_total"]

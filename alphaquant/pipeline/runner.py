@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from alphaquant.pipeline.attention_reuse import PassReuse
 from alphaquant.pipeline.stores import SampleStore
 
 
@@ -37,6 +38,7 @@ class PassPlan:
     group: list[str] = field(default_factory=list)   # linear names (relative to the layer) to calibrate
     fp_block: nn.Module | None = None   # collect with gptq.asymmetric: the layer's unquantized copy ...
     fp_stream: str | None = None        # ... and the stream of the fp model's layer inputs it runs on
+    reuse: PassReuse = field(default_factory=PassReuse)   # attention reuse: a cache to start from, caches to fill
 
 
 class LayerRunner(L.LightningModule):
@@ -46,22 +48,57 @@ class LayerRunner(L.LightningModule):
         self.layer_kwargs = layer_kwargs             # hidden [B, T, H] -> kwargs for layer(...)
         self.stores: dict[str, SampleStore] = {}
         self.plan = PassPlan("propagate", "calib")
+        self.seen: set[int] = set()                  # sample indices of the pass so far
+        self._idx: torch.Tensor | None = None
+        self._capture_handles: list = []
+        self.captured: dict[str, set[int]] = {}      # attention reuse: cache -> samples it got in this pass
 
     def set_block(self, block: nn.Module, plan: PassPlan) -> None:
         self.__dict__["block"] = block     # bypasses nn.Module.__setattr__, which would register it
         self.plan = plan
+        self.seen, self.captured = set(), {}
+        for h in self._capture_handles:
+            h.remove()
+        self._capture_handles = []
+        for cache, module in plan.reuse.capture:
+            # prepended: runs before a collector pre-hook on the same module that stops the forward there
+            self._capture_handles.append(block.get_submodule(module).register_forward_pre_hook(
+                self._capturer(cache), prepend=True))
+
+    def end_pass(self) -> None:
+        for h in self._capture_handles:
+            h.remove()
+        self._capture_handles = []
+
+    def _capturer(self, cache: str):
+        def pre(_mod, args):
+            self.stores[cache].put(self._idx, args[0])
+            self.captured.setdefault(cache, set()).update(int(i) for i in self._idx)
+        return pre
 
     @torch.no_grad()
     def predict_step(self, batch: torch.Tensor, batch_idx: int):
         store = self.stores[self.plan.stream]
         idx = batch                                               # [B] sample indices
-        hidden = store.get(idx, self.device)                      # [B, T, H]
-        if self.plan.phase == "head":
-            return {"idx": idx, "logits": self.block(hidden)}     # [B, T, V]
+        self._idx = idx
+        self.seen.update(int(i) for i in idx)
+        reuse = self.plan.reuse
+        if reuse.resume == "mlp":           # h = x + attn(norm(x)) from an earlier pass: the layer input is not read
+            hidden = self.stores[reuse.resume_from].get(idx, self.device)
+            kwargs = {"resume": "mlp"}
+        else:
+            hidden = store.get(idx, self.device)                  # [B, T, H]
+            if self.plan.phase == "head":
+                return {"idx": idx, "logits": self.block(hidden)}     # [B, T, V]
+            kwargs = self.layer_kwargs(hidden)
+            if reuse.resume == "o_proj":
+                kwargs = {**kwargs, "resume": "o_proj", "resume_input": self.stores[reuse.resume_from].get(idx, self.device)}
         if self.plan.phase == "collect" and self.plan.fp_block is not None:
             hidden_fp = self.stores[self.plan.fp_stream].get(idx, self.device)   # same samples, fp model
             self.plan.fp_block(hidden_fp, **self.layer_kwargs(hidden_fp))      # hooks keep its inputs
-        out = self.block(hidden, **self.layer_kwargs(hidden))     # [B, T, H]
+        out = self.block(hidden, **kwargs)                        # [B, T, H]
+        if reuse.resume_from and any(c != reuse.resume_from for c, _ in reuse.capture):
+            self.stores[reuse.resume_from].drop(idx)              # superseded by the cache captured from it
         if self.plan.phase == "propagate":
             store.put(idx, out)
         return {"idx": idx}

@@ -73,6 +73,12 @@ class SampleStore:
             self.hidden[i] = h.to(target)
             self._batches.pop(i, None)
 
+    def drop(self, idx: torch.Tensor) -> None:
+        """Forget these samples (their batch's memory goes once no sample of it is held)."""
+        for i in idx.tolist():
+            self.hidden.pop(int(i), None)
+            self._batches.pop(int(i), None)
+
     def token_ids(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
         return self.tokens[[int(i) for i in idx]].to(device)
 

@@ -27,6 +27,7 @@ import torch
 
 from alphaquant.export.writer import LayerCompressor
 from alphaquant.pipeline.activations import activation_hooks
+from alphaquant.pipeline.attention_reuse import CORE as CACHE_CORE, H as CACHE_H, PassReuse, plan as reuse_plan
 from alphaquant.pipeline.layer_sink import LayerSink
 from alphaquant.pipeline.prefetch import LayerPrefetcher
 from alphaquant.pipeline.runner import LayerRunner, PassPlan
@@ -45,6 +46,9 @@ class WalkOptions:
     # gptq.asymmetric (GPTAQ): a second calibration cache "calib_fp", the fp model's layer inputs (twice the
     # calibration cache memory), and per layer an unquantized copy of it on the accelerator (one layer more)
     asymmetric: bool = False
+    # calibration.reuse_attention: later passes of a layer start from its attention half's cached output
+    # (pipeline/attention_reuse.py; one calibration cache more)
+    reuse_attention: bool = True
 
 
 @dataclass
@@ -65,13 +69,17 @@ class LayerWalker:
         self.resume = resume            # ResumeState: layers below resume.layers_done are replayed
         self.runner = LayerRunner(layer_kwargs=self.adapter.layer_kwargs_fn(model))
         self.layer_stats: list[LayerStats] = []
+        self._held: set[str] = set()      # attention reuse: the caches complete for the layer of the moment
 
     # -- passes -------------------------------------------------------------------------------
     def _predict(self, block, phase, stream, stats=None, **plan):
         t0 = time.perf_counter()
         self.dm.stream = "calib" if stream in ("calib", "calib_fp") else "eval"   # the same batches
         self.runner.set_block(block, PassPlan(phase, stream, **plan))
-        self.trainer.predict(self.runner, datamodule=self.dm, return_predictions=False)
+        try:
+            self.trainer.predict(self.runner, datamodule=self.dm, return_predictions=False)
+        finally:
+            self.runner.end_pass()
         if stats is not None:
             if self.device.type == "cuda":    # the pass's kernels count in its own phase (not the
                 torch.cuda.current_stream().synchronize()    # background write's: another stream)
@@ -168,8 +176,17 @@ class LayerWalker:
             self._restore(i, layer)
             stats.restored = True
         else:
-            for g, group in enumerate(self._groups(i, layer)):
-                self._predict(layer, "collect", "calib", stats, layer_index=i, group_index=g, group=group, **fp)
+            groups = self._groups(i, layer)
+            points = self._reuse_points(layer)
+            for g, group in enumerate(groups):
+                reuse = PassReuse()
+                if points is not None:
+                    reuse = reuse_plan(points, {n for grp in groups[g:] for n in grp}, self._held)
+                    for cache, _module in reuse.capture:
+                        self.runner.stores[cache] = SampleStore(self.dm.windows["calib"], _cache_miss, self.opts.cache_device)
+                self._predict(layer, "collect", "calib", stats, layer_index=i, group_index=g, group=group,
+                              reuse=reuse, **fp)
+                self._keep_complete(reuse)
                 if self.progress:
                     self.progress(i, g)
             for key, cb in (("hessian", self.collector), ("solve", self.solver)):   # parts of collect+solve
@@ -179,7 +196,9 @@ class LayerWalker:
                 self._predict(fp_copy, "propagate", "calib_fp", stats)
             del fp, fp_copy
         if not last:
-            self._predict(layer, "propagate", "calib", stats)
+            start = CACHE_H if CACHE_H in self._held else CACHE_CORE if CACHE_CORE in self._held else None
+            self._predict(layer, "propagate", "calib", stats, reuse=PassReuse(start))
+        self._drop_caches()
         if self.opts.evaluate:
             self._predict(layer, "propagate", "eval_q", stats)
         self.runner.block = None
@@ -195,6 +214,31 @@ class LayerWalker:
         self.layer_stats.append(stats)
         if self.on_layer_end:
             self.on_layer_end(i, stats)
+
+    # -- attention reuse (pipeline/attention_reuse.py) -----------------------------------------------
+    def _reuse_points(self, layer):
+        """The layer's resume points when its passes may reuse the attention half's output, else None."""
+        self._drop_caches()
+        if not self.opts.reuse_attention or self.opts.asymmetric:
+            return None
+        return self.adapter.attention_reuse(layer)
+
+    def _keep_complete(self, reuse: PassReuse) -> None:
+        """Caches this pass filled for every sample it ran become usable; an incomplete one is dropped (the
+        passes after it then recompute). A cache captured from another supersedes it."""
+        for cache, _module in reuse.capture:
+            if self.runner.captured.get(cache, set()) == self.runner.seen:
+                self._held.add(cache)
+            else:
+                self.runner.stores.pop(cache, None)
+        if reuse.resume_from and any(c != reuse.resume_from for c, _ in reuse.capture):
+            self._held.discard(reuse.resume_from)     # its samples were dropped batch by batch
+            self.runner.stores.pop(reuse.resume_from, None)
+
+    def _drop_caches(self) -> None:
+        for cache in (CACHE_CORE, CACHE_H):
+            self.runner.stores.pop(cache, None)
+        self._held = set()
 
     def _release(self, i, layer):
         """Free layer i once its write is done (the sink calls this)."""
@@ -222,6 +266,10 @@ class LayerWalker:
                 w = rtn.get_submodule(n).weight
                 w.copy_(build_format(self.specs[prefix + n]).fake_quantize(w.float()).to(w.dtype))
         return rtn
+
+
+def _cache_miss(_ids):
+    raise RuntimeError("attention reuse: a cache was read for a sample it does not hold")
 
 
 def peak_memory() -> dict:

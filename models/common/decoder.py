@@ -37,9 +37,21 @@ class DecoderLayer(nn.Module):
     def mlp_block(self) -> nn.Module:
         return getattr(self, self.mlp_attr)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor) -> torch.Tensor:
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask)
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attention_mask: torch.Tensor | None = None, resume: str | None = None,
+                resume_input: torch.Tensor | None = None) -> torch.Tensor:
+        """resume (calibration's attention reuse, alphaquant/pipeline/attention_reuse.py) starts part-way, from
+        what an earlier forward of the same weights computed, with the same ops after that point:
+        "o_proj": resume_input is self_attn.o_proj's input (B, S, heads x head_dim), hidden_states the layer input;
+        "mlp": hidden_states is already h = x + attn(norm(x)), the input of post_attention_layernorm."""
+        if resume == "mlp":
+            h = hidden_states
+        elif resume == "o_proj":
+            h = hidden_states + self.self_attn.o_proj(resume_input)
+        elif resume is None:
+            h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask)
+        else:
+            raise ValueError(f"resume must be None, 'o_proj' or 'mlp', got {resume!r}")
         return h + self.mlp_block(self.post_attention_layernorm(h))
 
 
