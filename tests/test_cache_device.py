@@ -12,7 +12,7 @@ import tiny
 from pipeline_utils import run_session, write_config
 
 from alphaquant.errors import ConfigError
-from alphaquant.pipeline import stores
+from alphaquant.pipeline import stores, walker
 from alphaquant.pipeline.stores import SampleStore
 
 
@@ -79,7 +79,9 @@ def test_checkpoint_identical_with_cache_on_host(tiny_run, monkeypatch):
                            calibration={"cache_device": mode}, output={"save": True, "dir": str(tmp / mode)})
         session = run_session(cfg)
         ppl[mode] = (session.results["perplexity"], session.results["modules"])
-        assert made and all(s.hidden for s in made)          # every stream cached hidden states
+        streams = [s for s in made if s.embed is not walker._cache_miss]    # not the attention reuse caches
+        assert streams and all(s.hidden for s in streams)    # every stream cached hidden states
+        assert len(streams) < len(made)                      # the reuse caches follow cache_device too
         want = torch.device("cpu") if mode == "cpu" else None
         assert all(s.device == want for s in made)
         assert set().union(*(s.cached_devices() for s in made)) == {torch.device("cpu")}   # a CPU run
