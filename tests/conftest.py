@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """The session's Triton-interpreter runs (tests/triton_interp.py starts them together at the first)."""
+    import importlib.util
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        return
+    import triton_interp
+    triton_interp.PENDING[:] = sorted({str(item.path) for item in session.items
+                                       if item.name.endswith("_in_triton_interpreter")})
