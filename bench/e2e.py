@@ -242,7 +242,7 @@ def our_config(args, work: Path) -> dict:
         "model": {"path": str(work / "model"), "dtype": "bfloat16", "lazy": True},
         "calibration": {"dataset": str(work / "tokens.pt"), "split": "all", "num_samples": args.samples,
                         "seq_len": args.seq_len, "seed": 0, "batch_size": args.batch_size, "hessian": args.hessian,
-                        "cache_device": args.cache_device},
+                        "cache_device": args.cache_device, "reuse_attention": bool(args.reuse_attention)},
         "eval": {"enabled": False},
         "quant": {"default": {"wq": "int4", "group_size": 128, "sym": True},
                   "overrides": [{"pattern": p, "skip": True} for p in our_skips(args.family)] + (
@@ -638,6 +638,7 @@ def stage_argv(args) -> list[str]:
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--hessian", args.hessian,
             "--act-order", str(args.act_order), "--seed", str(args.seed), "--sweep", args.sweep,
             "--scale-search", args.scale_search, "--asymmetric", str(args.asymmetric),
+            "--reuse-attention", str(args.reuse_attention),
             "--switch-interval", str(args.switch_interval), "--cache-device", args.cache_device,
             "--expert-chunk", args.expert_chunk, "--gpu-memory-gib", str(args.gpu_memory_gib)]
     if args.no_save:
@@ -672,6 +673,8 @@ def main(argv=None) -> dict:
                    help="our gptq.act_order (1: static-group act order, what llm-compressor's W4A16 does by default)")
     p.add_argument("--asymmetric", type=int, default=0,
                    help="our gptq.asymmetric (1: GPTAQ, the solve targets the fp layer on fp inputs; off by default)")
+    p.add_argument("--reuse-attention", type=int, default=1,
+                   help="our calibration.reuse_attention (0: every pass recomputes attention: one calibration cache less)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep", default="auto", choices=["auto", "torch"],
                    help="our gptq.sweep (auto: the fused Triton sweep on a GPU; torch: torch ops, as before)")
