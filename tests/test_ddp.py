@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import prewarmed
 import tiny
 from pipeline_utils import write_config
 
@@ -31,11 +32,14 @@ def _run(tmp: Path, ckpt: Path, corpus: Path, name: str, devices: int, strategy:
                        calibration={"num_samples": 8, "batch_size": 1},
                        eval={"max_windows": 4, "batch_size": 1},
                        output={"save": True, "dir": str(tmp / name)})
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"] \
-        if torchrun else [sys.executable]
-    proc = subprocess.run([*launcher, str(REPO / "train_quant.py"), "--config", str(cfg)],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    if devices == 1:          # one process: forked from one that has done the imports (tests/prewarmed.py)
+        proc = prewarmed.run(["--config", cfg], cwd=tmp)
+    else:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"] \
+            if torchrun else [sys.executable]
+        proc = subprocess.run([*launcher, str(REPO / "train_quant.py"), "--config", str(cfg)],
+                              cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / name
 

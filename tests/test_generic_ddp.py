@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import prewarmed
 import tiny
 from pipeline_utils import write_config
 from test_generic_models import make_hf_checkpoint
@@ -26,9 +27,12 @@ def _run(tmp: Path, ckpt: Path, corpus: Path, name: str, devices: int, strategy:
                        calibration={"num_samples": 8, "batch_size": 1},
                        eval={"max_windows": 4, "batch_size": 1},
                        output={"save": True, "dir": str(tmp / name)})
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "train_quant.py"), "--config", str(cfg)],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    if devices == 1:          # one process: forked from one that has done the imports (tests/prewarmed.py)
+        proc = prewarmed.run(["--config", cfg], cwd=tmp)
+    else:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, str(REPO / "train_quant.py"), "--config", str(cfg)],
+                              cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / name
 
