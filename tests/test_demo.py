@@ -26,7 +26,7 @@ def demo_run(tmp_path_factory):
             "--model.path", str(REPO / "demo/olmoe-tiny"),
             "--calibration.dataset", str(REPO / "demo/corpus/train.txt"),
             "--eval.dataset", str(REPO / "demo/corpus/test.txt"),
-            "--calibration.num_samples", "32", "--eval.max_windows", "16",
+            "--calibration.num_samples", "16", "--eval.max_windows", "8",
             "--output.dir", str(tmp / "out"), "--logging.csv.dir", str(tmp / "logs"),
             "--logging.wandb.dir", str(tmp / "logs")]
     assert main(argv) == 0
@@ -64,7 +64,7 @@ def test_demo_checkpoint_reads_back(demo_run, capsys):
     stdout = capsys.readouterr().out
     result = json.loads(stdout[stdout.rindex("\n{\n") + 1:] if "\n{\n" in stdout else stdout)
     summary = json.loads((out / "alphaquant_summary.json").read_text())
-    assert result["windows"] == 16
+    assert result["windows"] == 8
     assert result["perplexity"] == pytest.approx(summary["perplexity"]["quantized"], rel=1e-5)
 
 def test_demo_logs(demo_run):
