@@ -13,6 +13,9 @@ on the accelerator once, swaps it in between `trainer.predict` calls and sets wh
                      input with its quantized-model input, token by token.
 - phase "propagate": run the layer and store its outputs as the next layer's inputs.
 - phase "head":      run final norm + lm_head and return logits for the perplexity callback.
+
+`plan.reuse` (attention_reuse.py): a collect or propagate pass may start part-way from a cache an earlier pass
+of the same layer filled, and may fill caches through pre-hooks on the modules whose inputs they hold.
 """
 from __future__ import annotations
 
@@ -57,15 +60,14 @@ class LayerRunner(L.LightningModule):
         self.__dict__["block"] = block     # bypasses nn.Module.__setattr__, which would register it
         self.plan = plan
         self.seen, self.captured = set(), {}
-        for h in self._capture_handles:
-            h.remove()
-        self._capture_handles = []
+        self.end_pass()
         for cache, module in plan.reuse.capture:
             # prepended: runs before a collector pre-hook on the same module that stops the forward there
             self._capture_handles.append(block.get_submodule(module).register_forward_pre_hook(
                 self._capturer(cache), prepend=True))
 
     def end_pass(self) -> None:
+        """Remove the pass's capture hooks (the walker calls this after each trainer.predict)."""
         for h in self._capture_handles:
             h.remove()
         self._capture_handles = []
