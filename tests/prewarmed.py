@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The modules a run imports that take the time (imported by the zygote before it forks).
 PRELOAD = ["torch", "torch._dynamo", "lightning", "transformers", "safetensors.torch", "matplotlib.pyplot",
            "alphaquant.app", "alphaquant.api", "alphaquant.pipeline.session", "alphaquant.pipeline.trainer",
-           "alphaquant.pipeline.resume", "alphaquant.export", "alphaquant.data"]
+           "alphaquant.pipeline.resume", "alphaquant.export", "alphaquant.data", "alphaquant.pipeline.calibrate",
+           "alphaquant.pipeline.walker", "alphaquant.callbacks.solve", "alphaquant.callbacks.hessian", "alphaquant.arch"]
 
 ZYGOTE = r"""
 import importlib, json, os, sys

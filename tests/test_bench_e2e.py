@@ -1,20 +1,31 @@
 """bench/e2e.py --quick on the CPU: our side end to end (llm-compressor skipped), the JSON has its fields."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+import background
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_e2e_quick_ours_only(tmp_path):
-    out = tmp_path / "e2e.json"
-    scratch = tmp_path / "tmp"          # where its temporary scratch directory goes (TMPDIR)
+def _popen(work):
+    scratch = work / "tmp"          # where its temporary scratch directory goes (TMPDIR)
     scratch.mkdir()
-    cmd = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--quick", "--device", "cpu", "--no-llmc", "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600,
-                   env={**os.environ, "TMPDIR": str(scratch)})
+    return {"cwd": ROOT, "env": {**os.environ, "TMPDIR": str(scratch)}}
+
+
+def prestart():
+    """Started in the background once the session is collected (tests/background.py)."""
+    background.start("e2e", lambda work: [sys.executable, str(ROOT / "bench" / "e2e.py"), "--quick", "--device",
+                                          "cpu", "--no-llmc", "--out", str(work / "e2e.json")], popen=_popen)
+
+
+def test_e2e_quick_ours_only():
+    prestart()
+    run = background.wait("e2e")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out, scratch = run.work / "e2e.json", run.work / "tmp"
     assert not list(scratch.glob("aq-e2e-*"))   # the benchmark cleans up after itself (torch may cache kernels there)
     r = json.loads(out.read_text())
     assert r["build"]["layers"] == 2 and r["llm_compressor"] is None

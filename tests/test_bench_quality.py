@@ -7,19 +7,27 @@ that its scratch directory is gone afterwards. No timing is asserted.
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+import background
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_run(tmp_path):
-    out = tmp_path / "quality.json"
+def prestart():
+    """Started in the background once the session is collected (tests/background.py)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--out", str(out)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    background.start("quality", lambda work: [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--out",
+                                              str(work / "quality.json")],
+                     popen=lambda work: {"cwd": work, "env": env})
+
+
+def test_quick_run():
+    prestart()
+    r = background.wait("quality")
+    out = r.work / "quality.json"
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     for key in ("command", "models", "formats", "methods", "seeds", "rows", "summary", "averages", "fp", "defaults"):
