@@ -135,23 +135,47 @@ def _spy(monkeypatch):
     return seen
 
 
+def _count_early_stops(monkeypatch):
+    """The groups of the passes whose fp forward may stop early (HessianCollector._hook_fp wrapped it)."""
+    stopped = []
+    original = HessianCollector._hook_fp
+
+    def counting(self, fp):
+        original(self, fp)
+        if "forward" in vars(fp):          # wrapped: this pass may stop the fp forward early
+            stopped.append(tuple(self._group))
+    monkeypatch.setattr(HessianCollector, "_hook_fp", counting)
+    return stopped
+
+
+@pytest.fixture(scope="module")
+def asymmetric_run(checkpoint):
+    """One gptq.asymmetric run (early stop on, the default) watched by both spies (they only record): its linears,
+    what the solver read per pass, and the groups whose fp forward may stop early. Shared by test_pipeline and
+    test_fp_layer_early_stop_changes_nothing (the same config; was one run each)."""
+    root, corpus, ckpt = checkpoint
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _spy(mp)
+        stopped = _count_early_stops(mp)
+        assert not seen and not stopped
+        on = run_session(write_config(root / "on.yaml", ckpt, corpus, eval={"enabled": False},
+                                      gptq={"asymmetric": True}))
+    return _linears(on), seen, stopped
+
+
 def _linears(session):
     return {n: m.weight.detach().clone() for n, m in session.model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def test_pipeline(checkpoint, monkeypatch):
+def test_pipeline(checkpoint, asymmetric_run):
     root, corpus, ckpt = checkpoint
     # off: no fp stream, no cross sums (the run is byte-identical to the code before the option: checked
     # against that commit by hand, README "Quality")
     off = run_session(write_config(root / "off.yaml", ckpt, corpus, eval={"enabled": False},
                                    gptq={"asymmetric": False}))
     off_w = _linears(off)
-    seen = _spy(monkeypatch)
-    assert not seen
-    on = run_session(write_config(root / "on.yaml", ckpt, corpus, eval={"enabled": False},
-                                  gptq={"asymmetric": True}))
+    on_w, seen, _ = asymmetric_run
     assert off.cfg.gptq.asymmetric is False
-    on_w = _linears(on)
     # layer 0, group 0 (q/k/v): nothing before it is quantized, so X == X̃, P == 0 and plain GPTQ exactly
     first = seen[0]
     assert all(k.startswith("self_attn.") for k in first)
@@ -183,21 +207,13 @@ def test_pipeline(checkpoint, monkeypatch):
     assert any(not torch.equal(on_w[n], off_w[n]) for n in on_w if ".layers.1." in n)
 
 
-def test_fp_layer_early_stop_changes_nothing(checkpoint, monkeypatch):
+def test_fp_layer_early_stop_changes_nothing(checkpoint, asymmetric_run, monkeypatch):
     """The fp copy of the layer stops at the pre-hook that completes its group's inputs (its experts never run for
     attention or routed-expert groups): the quantized weights are the same, bit for bit, as with every forward
     run to the end, and the stop really happens."""
     root, corpus, ckpt = checkpoint
     cfg = dict(eval={"enabled": False}, gptq={"asymmetric": True})
-    stopped = []
-    original = HessianCollector._hook_fp
-
-    def counting(self, fp):
-        original(self, fp)
-        if "forward" in vars(fp):          # wrapped: this pass may stop the fp forward early
-            stopped.append(tuple(self._group))
-    monkeypatch.setattr(HessianCollector, "_hook_fp", counting)
-    early = _linears(run_session(write_config(root / "early.yaml", ckpt, corpus, **cfg)))
+    early, _, stopped = asymmetric_run
     assert any(any("experts" in n for n in g) for g in stopped) and any(
         all("self_attn" in n for n in g) for g in stopped)
     init = HessianCollector.__init__
