@@ -15,7 +15,7 @@ QUANT = {"default": {"wq": "int4", "group_size": 32},
 
 
 def test_generic_sigkill_then_rerun_is_bit_identical(tmp_path):
-    ckpt = make_hf_checkpoint("qwen3_moe", tmp_path / "qwen3_moe", num_hidden_layers=3)
+    ckpt = make_hf_checkpoint("qwen3_moe", tmp_path / "qwen3_moe", num_hidden_layers=2)
     corpus = tiny.write_corpus(tmp_path)
 
     def config(name):
