@@ -30,7 +30,7 @@ class CalibrationSession:
         self.out_dir = Path(cfg.output.dir or f"outputs/{self.name}")
         self.results: dict = {}
         self.extra_perplexity: dict[str, float] = {}   # e.g. {"gptq_uniform": ppl} from eval.compare_hessians
-        self.stage_seconds: dict[str, float] = {}      # data, setup, walk, plots, finish (time outside the layers)
+        self.stage_seconds: dict[str, float] = {}      # data, setup, walk, plots, finish, cleanup (time outside the layers)
 
     # -- before any weight is read ----------------------------------------------------------
     def prepare(self, dry_run: bool = False) -> None:
