@@ -32,6 +32,7 @@ def test_schedule():
     assert _schedule([qkv + o + gu + d]) == [(None, ())]                                  # not true-sequential
     assert _schedule([gu, d]) == [(None, (CORE, H)), ("mlp", ())]                         # attention not quantized
     assert plan(P, set(), {CORE}) == PassReuse(CORE, ((H, "norm2"),))
+    assert plan(P, set(), {CORE}).supersedes == CORE and plan(P, set(), {H}).supersedes is None
     assert PassReuse(H).resume == "mlp" and PassReuse(CORE).resume == "o_proj" and PassReuse().resume is None
 
 

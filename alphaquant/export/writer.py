@@ -276,17 +276,17 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             used[key] = used.get(key, 0) + t.numel() * t.element_size()
     whole: dict[int, torch.Tensor] = {}
     copied: dict[str, torch.Tensor] = {}
-    streams = set()
+    devices = set()
     for k, t in tensors.items():          # queue every transfer first, wait once
         if t.device.type == "cpu":
             continue
-        streams.add(t.device)
+        devices.add(t.device)
         st = t.untyped_storage()
         if st.nbytes() == t.numel() * t.element_size() or 2 * used[st.data_ptr()] < st.nbytes():
             copied[k] = device_to_host(t)             # a copy of t alone, in storage of its own
         elif st.data_ptr() not in whole:
             whole[st.data_ptr()] = device_to_host(torch.empty(0, dtype=torch.uint8, device=t.device).set_(st))
-    for device in streams:
+    for device in devices:
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
     out = {}

@@ -46,12 +46,22 @@ class PassReuse:
     def resume(self) -> str | None:
         return RESUME.get(self.resume_from) if self.resume_from else None
 
+    @property
+    def supersedes(self) -> str | None:
+        """The cache this pass reads and replaces by one it captures (its samples are dropped batch by batch)."""
+        return self.resume_from if any(c != self.resume_from for c, _ in self.capture) else None
+
+
+def start_from(held: set[str]) -> str | None:
+    """The furthest complete cache a pass can start from."""
+    return H if H in held else CORE if CORE in held else None
+
 
 def plan(points: ReusePoints, later: set[str], held: set[str]) -> PassReuse:
     """The pass of a group given the linears still to be solved from this group on (`later`, this group's
     included) and the caches already complete (`held`): start from the furthest cache, and capture each cache
     whose inputs are all final (no linear before its point is still to be solved) and that is not held yet."""
-    resume_from = H if H in held else CORE if CORE in held else None
+    resume_from = start_from(held)
     capture = []
     if resume_from is None and not later & points.qkv:
         capture.append((CORE, points.o))

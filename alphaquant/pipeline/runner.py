@@ -99,8 +99,8 @@ class LayerRunner(L.LightningModule):
             hidden_fp = self.stores[self.plan.fp_stream].get(idx, self.device)   # same samples, fp model
             self.plan.fp_block(hidden_fp, **self.layer_kwargs(hidden_fp))      # hooks keep its inputs
         out = self.block(hidden, **kwargs)                        # [B, T, H]
-        if reuse.resume_from and any(c != reuse.resume_from for c, _ in reuse.capture):
-            self.stores[reuse.resume_from].drop(idx)              # superseded by the cache captured from it
+        if reuse.supersedes:
+            self.stores[reuse.supersedes].drop(idx)               # superseded by the cache captured from it
         if self.plan.phase == "propagate":
             store.put(idx, out)
         return {"idx": idx}

@@ -27,7 +27,8 @@ import torch
 
 from alphaquant.export.writer import LayerCompressor
 from alphaquant.pipeline.activations import activation_hooks
-from alphaquant.pipeline.attention_reuse import CORE as CACHE_CORE, H as CACHE_H, PassReuse, plan as reuse_plan
+from alphaquant.pipeline.attention_reuse import CORE as CACHE_CORE, H as CACHE_H, PassReuse, plan as reuse_plan, \
+    start_from as reuse_start
 from alphaquant.pipeline.layer_sink import LayerSink
 from alphaquant.pipeline.prefetch import LayerPrefetcher
 from alphaquant.pipeline.runner import LayerRunner, PassPlan
@@ -196,8 +197,7 @@ class LayerWalker:
                 self._predict(fp_copy, "propagate", "calib_fp", stats)
             del fp, fp_copy
         if not last:
-            start = CACHE_H if CACHE_H in self._held else CACHE_CORE if CACHE_CORE in self._held else None
-            self._predict(layer, "propagate", "calib", stats, reuse=PassReuse(start))
+            self._predict(layer, "propagate", "calib", stats, reuse=PassReuse(reuse_start(self._held)))
         self._drop_caches()
         if self.opts.evaluate:
             self._predict(layer, "propagate", "eval_q", stats)
@@ -217,8 +217,8 @@ class LayerWalker:
 
     # -- attention reuse (pipeline/attention_reuse.py) -----------------------------------------------
     def _reuse_points(self, layer):
-        """The layer's resume points when its passes may reuse the attention half's output, else None."""
-        self._drop_caches()
+        """The layer's resume points when its passes may reuse the attention half's output, else None (the
+        previous layer's caches were dropped after its propagation)."""
         if not self.opts.reuse_attention or self.opts.asymmetric:
             return None
         return self.adapter.attention_reuse(layer)
@@ -231,9 +231,9 @@ class LayerWalker:
                 self._held.add(cache)
             else:
                 self.runner.stores.pop(cache, None)
-        if reuse.resume_from and any(c != reuse.resume_from for c, _ in reuse.capture):
-            self._held.discard(reuse.resume_from)     # its samples were dropped batch by batch
-            self.runner.stores.pop(reuse.resume_from, None)
+        if reuse.supersedes:
+            self._held.discard(reuse.supersedes)      # its samples were dropped batch by batch
+            self.runner.stores.pop(reuse.supersedes, None)
 
     def _drop_caches(self) -> None:
         for cache in (CACHE_CORE, CACHE_H):
