@@ -38,16 +38,24 @@ class CalibrationSession:
         its json files only); otherwise decoder layers stay on meta and the rest is loaded."""
         from alphaquant.arch import load_model
 
+        from alphaquant.pipeline.warmup import join_warmup, start_warmup
+
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if cfg.output.save:
             check_run_output(cfg, self.out_dir)
-        # lazy: decoder layers stay on the meta device; shapes are all the recipe needs. The local family
-        # code or transformers' classes (model.implementation; every other model takes transformers')
-        self.model, self.adapter = load_model(cfg.model, skeleton_only=dry_run, headers=dry_run)
-        self.specs = resolve_recipe(cfg.quant, self.adapter.linear_modules(self.model))
-        check_formats(self.specs)
-        self.specs = self._only_calibrated(self.specs)
+        # the GPU's one-time costs (context, Triton, cuSOLVER, lazily loaded kernels) while the model loads
+        self._warmup = None if dry_run else start_warmup(cfg)
+        try:
+            # lazy: decoder layers stay on the meta device; shapes are all the recipe needs. The local family
+            # code or transformers' classes (model.implementation; every other model takes transformers')
+            self.model, self.adapter = load_model(cfg.model, skeleton_only=dry_run, headers=dry_run)
+            self.specs = resolve_recipe(cfg.quant, self.adapter.linear_modules(self.model))
+            check_formats(self.specs)
+            self.specs = self._only_calibrated(self.specs)
+        except BaseException:
+            join_warmup(self._warmup)
+            raise
 
     def _only_calibrated(self, specs):
         """Linears outside the true-sequential groups (routers, shared-expert gates, lm_head)
@@ -77,14 +85,19 @@ class CalibrationSession:
     def run(self) -> None:
         from alphaquant.data import build_windows
         from alphaquant.pipeline.calibrate import build_and_walk
+        from alphaquant.pipeline.warmup import join_warmup
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        tokenizer = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-        mc = self.model.config
-        self.windows = build_windows(cfg, tokenizer, vocab_size=mc.vocab_size,
-                                     max_pos=getattr(mc, "max_position_embeddings", None), model=self.model)
-        self.stage_seconds["data"] = time.perf_counter() - t0
+        try:
+            tokenizer = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+            mc = self.model.config
+            self.windows = build_windows(cfg, tokenizer, vocab_size=mc.vocab_size,
+                                         max_pos=getattr(mc, "max_position_embeddings", None), model=self.model)
+            self.stage_seconds["data"] = time.perf_counter() - t0
+        finally:         # the warm-up (prepare's) overlapped the data stage; none of it runs beside the walk
+            join_warmup(getattr(self, "_warmup", None))
+            self._warmup = None
         # comparison runs first, so the saved summary and the loggers carry their perplexities too
         self.extra_perplexity = {f"gptq_{mode}": self._compare(mode)
                                  for mode in dict.fromkeys(cfg.eval.compare_hessians)

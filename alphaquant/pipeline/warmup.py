@@ -1,0 +1,96 @@
+"""Warm the GPU up while the model loads: one-time costs of the first layer, paid in a background thread.
+
+The first decoder layer of a run took ~1.6 s longer than the others on an H200 (OLMoE-1B-7B shapes,
+bench/trace_report.py over bench/e2e.py --profile --trace): the CUDA context, Triton's driver set-up and its
+first kernel launches (~0.6 s in the scale search), cuSOLVER/cuBLAS handles and lazily loaded kernels (Cholesky,
+triangular solves, flash attention, grouped GEMM). None of that depends on the model's weights, so a thread
+runs the same operations on a tiny synthetic problem while the main thread reads the model and the calibration
+data, and the walk joins it before its first pass.
+
+Nothing here changes a result: the warm-up's tensors are built from arange (no random generator is drawn
+from), live on their own CUDA stream and are freed; every failure is ignored (the run meets the same operation
+again and reports it there). It runs only for a single-GPU CUDA run: under DDP each rank's device is known once
+the trainer exists.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+def start_warmup(cfg) -> threading.Thread | None:
+    """A started warm-up thread for this run's GPU, or None (CPU, several devices, no CUDA)."""
+    t = cfg.trainer
+    if t.accelerator == "cpu" or not torch.cuda.is_available():
+        return None
+    if t.devices not in (1, "auto") or t.num_nodes != 1 or (t.devices == "auto" and torch.cuda.device_count() != 1):
+        return None
+    fmt = _default_format(cfg)
+    # not a daemon: an interpreter that exits (an error, a plan-only run) waits for it instead of tearing CUDA
+    # down under it
+    thread = threading.Thread(target=_quietly, args=(torch.device("cuda", 0), fmt, cfg), name="gpu-warmup")
+    thread.start()
+    return thread
+
+
+def _default_format(cfg):
+    """The format of a linear no override touches (None when the default keeps weights as they are): the
+    one-time costs are the same for every format, and the model's names are not known yet."""
+    import dataclasses
+
+    from alphaquant.config.recipe import build_format, resolve_recipe
+    try:
+        default_only = dataclasses.replace(cfg.quant, overrides=[], budget_bits=None)
+        return build_format(resolve_recipe(default_only, [("warmup", 256, 256)])["warmup"])
+    except Exception:     # noqa: BLE001 - an unusual recipe: the warm-up skips the solve
+        return None
+
+
+def _quietly(device, fmt, cfg) -> None:
+    try:
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            _warm(device, fmt, cfg)
+            torch.cuda.current_stream().synchronize()
+    except Exception:     # noqa: BLE001 - the run itself meets and reports any real failure
+        pass
+
+
+@torch.no_grad()
+def _warm(device, fmt, cfg) -> None:
+    dtype = getattr(torch, cfg.model.dtype, torch.bfloat16) if isinstance(cfg.model.dtype, str) else torch.bfloat16
+    if dtype not in (torch.bfloat16, torch.float16):
+        dtype = torch.bfloat16
+    ramp = lambda *shape: (torch.arange(int(torch.tensor(shape).prod()), device=device, dtype=torch.float32)  # noqa: E731
+                           .reshape(shape).remainder(7).sub(3).mul(0.1))
+    # the layer's forward: linears, attention, the routed experts' grouped GEMM
+    x = ramp(256, 256).to(dtype)
+    torch.nn.functional.linear(x, x)
+    q = ramp(1, 2, 128, 128).to(dtype)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    from models.common.moe import _grouped_mm_fn
+    gmm = _grouped_mm_fn()
+    if gmm is not None:
+        gmm(x, ramp(2, 256, 256).to(dtype).transpose(-2, -1), offs=torch.tensor([128, 256], device=device,
+                                                                               dtype=torch.int32))
+    # Hessians: half-precision products with float32 output, the routing-weighted split (a Triton kernel)
+    from alphaquant.gptq.hessian import HessianState
+    state = HessianState.zeros(256, device=device)
+    state.add(x, weight=ramp(256).abs().add(0.1))
+    state.add(x)
+    if fmt is None:
+        return
+    # the solve: Cholesky, triangular solves, the scale search and sweep kernels
+    from alphaquant.gptq import gptq_quantize
+    from alphaquant.pipeline.calibrate import solver_options
+    H = state.finalize().expand(2, 256, 256).contiguous()
+    W = ramp(2, 16, 256)
+    # cuda_graph off: capturing a graph here would forbid the main thread's CUDA calls meanwhile
+    gptq_quantize(W, H, fmt, **solver_options(cfg.gptq), cuda_graph=False)
+
+
+def join_warmup(thread: threading.Thread | None) -> None:
+    """Wait for the warm-up: before the first pass (no GPU work of it left running beside the walk) and before
+    an error leaves prepare."""
+    if thread is not None:
+        thread.join()

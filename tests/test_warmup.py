@@ -1,0 +1,47 @@
+"""The GPU warm-up (alphaquant/pipeline/warmup.py): it draws no random numbers, needs nothing of the model, and
+changes no result (GPU: a run with it gives the same quantized weights as one without)."""
+import pytest
+import torch
+
+import tiny
+from pipeline_utils import run_session, write_config
+from alphaquant.config.run import load_config
+from alphaquant.pipeline import warmup
+
+
+def _cfg(tmp_path, **sections):
+    ckpt = tiny.make_checkpoint("olmoe", tmp_path / "olmoe")
+    return write_config(tmp_path / "run.yaml", ckpt, tiny.write_corpus(tmp_path), **sections)
+
+
+def test_warmup_draws_no_random_numbers_and_solves_the_default_format(tmp_path):
+    cfg = load_config(_cfg(tmp_path), [])
+    fmt = warmup._default_format(cfg)
+    assert fmt is not None and fmt.name == "int4"      # quant.default; the overrides name modules not known yet
+    before = torch.get_rng_state()
+    warmup._warm(torch.device("cpu"), fmt, cfg)        # the same operations as on the GPU, on the CPU
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_no_warmup_on_the_cpu_or_for_a_kept_default(tmp_path):
+    cfg = load_config(_cfg(tmp_path), [])
+    assert warmup.start_warmup(cfg) is None             # trainer.accelerator: cpu
+    cfg.quant.default.skip = True
+    assert warmup._default_format(cfg) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_run_with_the_warmup_gives_the_same_weights_as_one_without(tmp_path, monkeypatch):
+    path = _cfg(tmp_path, trainer={"accelerator": "gpu", "devices": 1},
+                model={"path": str(tmp_path / "olmoe"), "dtype": "bfloat16", "lazy": False})
+    started = []
+    real = warmup.start_warmup
+    monkeypatch.setattr(warmup, "start_warmup", lambda cfg: started.append(real(cfg)) or started[-1])
+    warm = run_session(path)
+    assert started and started[0] is not None
+    monkeypatch.setattr(warmup, "start_warmup", lambda cfg: None)
+    cold = run_session(path)
+    a, b = dict(warm.model.named_parameters()), dict(cold.model.named_parameters())
+    for k in a:
+        assert torch.equal(a[k].cpu(), b[k].cpu()), k
