@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from alphaquant.pipeline.accelerator import release_cached_memory
 from alphaquant.pipeline.datamodule import WindowDataModule
-from alphaquant.pipeline.plots import log_plots, save_plots
+from alphaquant.pipeline.plots import log_plots, preload_pyplot, save_plots
 from alphaquant.pipeline.progress import LayerProgress
 from alphaquant.pipeline.report import expert_token_table, layer_error_table
 from alphaquant.pipeline.trainer import build_loggers, build_trainer, quiet_lightning
@@ -50,6 +50,8 @@ def build_and_walk(session, writer_factory) -> dict:
     progress = LayerProgress(n_layers, enabled=rank0, label=label)
 
     def on_layer_end(i, stats):
+        if draws and i == 0:      # matplotlib's one-time costs in a thread, after the first layer's own warm-up
+            preload_pyplot()
         rows = layer_error_table({k: r for k, r in solver.records.items()}, [stats])
         progress.layer_done(i, stats, mean_error=rows[0]["mean_rel_error"])
         for lg in loggers:
@@ -57,6 +59,7 @@ def build_and_walk(session, writer_factory) -> dict:
                             "layer/max_rel_error": rows[0]["max_rel_error"]}, step=i)
 
     out = session.out_dir if (writer_factory and rank0) else None
+    draws = rank0 and plots_dir(session, session.out_dir if out is not None else None) is not None
     # the resume state is written by the last rank, the checkpoint by rank 0: under DDP the two
     # background writes (and their host time) fall on different processes; one process does both
     resume = _resume_state(session, rank0, writes=trainer.global_rank == trainer.world_size - 1)
