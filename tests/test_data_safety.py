@@ -338,3 +338,26 @@ def test_sigkill_between_the_two_renames_of_an_overwrite_is_repaired(env, refere
     assert tree_digest(tmp / "swapped") == before and not list(tmp.glob(".swapped.old-*"))
     proc = _cmd(cfg, "--overwrite")                   # ... and the overwrite then completes
     assert proc.returncode == 0 and not list(tmp.glob(".swapped.*")), proc.stderr[-3000:]
+
+
+def test_remove_tree_removes_files_and_folders_but_never_follows_a_link(tmp_path):
+    """The threaded removal (resume state, a replaced checkpoint) removes what rmtree removes: files at the top
+    in parallel, folders below, and a symlink as a link (the user's file it points to stays)."""
+    from alphaquant.export.atomic import remove_tree
+
+    outside = tmp_path / "users_file.txt"
+    outside.write_text("keep me")
+    (tmp_path / "outside_dir").mkdir()
+    (tmp_path / "outside_dir" / "inner.txt").write_text("keep me too")
+    d = tmp_path / "state"
+    (d / "plots").mkdir(parents=True)
+    for i in range(12):
+        (d / f"layer_{i:05d}.safetensors").write_bytes(os.urandom(1000))
+    (d / "plots" / "a.png").write_bytes(b"png")
+    (d / "link_to_file").symlink_to(outside)
+    (d / "link_to_dir").symlink_to(tmp_path / "outside_dir")
+    remove_tree(d)
+    assert not d.exists()
+    assert outside.read_text() == "keep me"
+    assert (tmp_path / "outside_dir" / "inner.txt").read_text() == "keep me too"
+    remove_tree(d)            # gone already: nothing raised, as rmtree(ignore_errors=True)

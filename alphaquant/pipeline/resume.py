@@ -247,12 +247,12 @@ class ResumeState:
 
     def clear(self) -> None:
         """Remove the state (the run completed, or cannot be resumed); a failed last write no longer matters."""
-        import shutil
+        from alphaquant.export.atomic import remove_tree
         if self._thread is not None:
             self._thread.join()
         self._thread, self._error = None, None
         if self.writer:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            remove_tree(self.dir)
 
     # -- reading ---------------------------------------------------------------------------
     def load_layer(self, i: int, specs: dict, dtype: torch.dtype):
