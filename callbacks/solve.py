@@ -92,20 +92,25 @@ class GPTQSolve(Callback):
     def _inputs(self, layer, prefix, stacks, results: int = 1):
         """(W [E, R, C], the Hessians (`_Hessians`, finalised chunk by chunk), Hessian states) of a bucket's stacks;
         `results`: how many solves of them will be kept at once (quant.budget_bits: one per candidate)."""
-        W = torch.stack([torch.cat([layer.get_submodule(n).weight.float() for n in names]) for _, names in stacks])
+        W = _stacked_weights(layer, stacks)
         states = [self.collector.states[key] for key, _ in stacks]
-        _check_finite(W, None, stacks, prefix)
         hess = _Hessians(states, self._chunk(W, len(stacks), results))
         self.chunks[(W.shape[1], W.shape[2], len(stacks))] = hess.chunk
         asym = getattr(self.collector, "asymmetric", False)  # gptq.asymmetric: GPTQ toward W̃ (gptq/gptaq.py),
         keys = [k for k, _ in stacks]                        # errors vs W̃
-        target = None
+        if asym:
+            _check_finite(W, None, stacks, prefix)
+        target, bad_H = None, []
         for sl, H in hess.parts(0, len(stacks)):   # every rank checks every stack: all raise alike under DDP
-            _check_finite(None, H, stacks[sl], prefix)
-            if asym:
+            if asym:                                # W̃ needs a finite H: checked before it is computed
+                _check_finite(None, H, stacks[sl], prefix)
                 target = _place(target, self.collector.asymmetric_target(W[sl], H, keys[sl], self.opts["damp"]),
                                 sl, 0, len(stacks))
+            else:
+                bad_H.append(_nonfinite(H))
             del H
+        if not asym:     # the weights' and the Hessians' checks answered by one host sync, not one per tensor
+            _raise_nonfinite(_nonfinite(W), torch.cat(bad_H), stacks, prefix)
         return (W if target is None else target), hess, states
 
     def _chunk(self, W, n: int, results: int = 1) -> int:
@@ -134,35 +139,42 @@ class GPTQSolve(Callback):
         Wq, params = parts["weight"], _params_from(parts)
         rel = []
         for sl, H in hess.parts(0, len(stacks)):
-            rel += _relative_error(W[sl], Wq[sl], H)
+            rel.append(_relative_error_t(W[sl], Wq[sl], H))
             del H
+        # the figures the records need, to the host in one copy (one sync per bucket, not one per kind)
+        n = len(stacks)
+        numbers = torch.cat([losses.double(), torch.cat(rel).double(),
+                             torch.stack([s.n_tokens for s in states]).double(),   # exact: counts < 2**53
+                             torch.stack([s.weight_sum for s in states]).double()]).tolist()
+        k = len(numbers) - 3 * n                                      # this rank's stacks (all, without DDP)
+        losses, rel = numbers[:k], numbers[k:k + n]
+        tokens, weight_sums = [int(t) for t in numbers[k + n:k + 2 * n]], numbers[k + 2 * n:]
         losses, fallbacks = _gather_meta(losses, fallbacks, world)
-        tokens = torch.stack([s.n_tokens for s in states]).tolist()           # one host sync each,
-        weight_sums = torch.stack([s.weight_sum for s in states]).tolist()    # not one per expert
         return {"spec": spec, "Wq": Wq, "params": params, "g_idx": parts.get("g_idx"), "rel": rel,
                 "losses": losses, "fallbacks": fallbacks, "tokens": tokens, "weight_sums": weight_sums}
 
     def _solve_local(self, W, hess, lo: int, hi: int, fmt):
-        """GPTQ of stacks lo..hi-1, `hess.chunk` per gptq_quantize call: (result tensors [hi - lo, ...], losses,
-        fallbacks). Each chunk's result is copied into the bucket's tensors, its intermediates dropped at once."""
+        """GPTQ of stacks lo..hi-1, `hess.chunk` per gptq_quantize call: (result tensors [hi - lo, ...], losses (a
+        [hi - lo] tensor where the results are), fallbacks). Each chunk's result is copied into the bucket's tensors,
+        its intermediates dropped at once."""
         out, losses, fallbacks = None, [], []
         for sl, H in hess.parts(lo, hi):
             res = gptq_quantize(W[sl], H, fmt, **self.opts)
             del H
             if self.opts.get("static_groups"):
                 res.g_idx = None       # static groups: g_idx is column // group_size, nothing to record or store
-            losses += res.loss.float().tolist()
+            losses.append(res.loss.float())
             fallbacks += list(res.fallback)
             part = _result_tensors(res, fmt, W[sl])
             del res
             out = {k: _place(None if out is None else out[k], v, sl, lo, hi - lo) for k, v in part.items()}
             del part
-        return out, losses, fallbacks
+        return out, torch.cat(losses), fallbacks
 
     def _keep(self, layer, prefix, n, sol, e, rows, extra=None):
         """Rows `rows` of stack e of solve `sol` become linear n's weight and record."""
         m = layer.get_submodule(n)
-        m.weight.copy_(sol["Wq"][e, rows].to(m.weight.dtype))
+        m.weight.copy_(sol["Wq"][e, rows])      # cast in the copy (as .to(dtype) rounds): one kernel, no temporary
         self.records[prefix + n] = ModuleRecord(
             name=prefix + n, spec=sol["spec"], params=_slice_params(sol["params"], e, rows),
             g_idx=sol["g_idx"][e] if sol["g_idx"] is not None else None,
@@ -205,6 +217,22 @@ class GPTQSolve(Callback):
             self._keep(layer, prefix, n, sol, e, rows, extra={
                 "budget_choice": {"wq": spec.wq, "group_size": spec.group_size, "bits": int(bits), "loss": loss,
                                   "candidates": {o[0].label: o[5] for o in opt}}})
+
+
+def _stacked_weights(layer, stacks) -> torch.Tensor:
+    """W [E, R, C] float32 of a bucket: stack e is its linears' weights concatenated by rows. Filled one member
+    position at a time (all experts' gate_proj, then all up_proj: a stack and a casting copy each) rather than per
+    expert, which took ~200 small kernels for 64 experts' gate+up; the same values."""
+    ws = [[layer.get_submodule(n).weight for n in ns] for _, ns in stacks]
+    shapes = [w.shape for w in ws[0]]
+    if any([w.shape for w in s] != shapes for s in ws):   # stacks of other members with the same total rows
+        return torch.stack([torch.cat([w.float() for w in s]) for s in ws])   # (e.g. true_sequential off)
+    W = ws[0][0].new_empty((len(ws), sum(sh[0] for sh in shapes), shapes[0][1]), dtype=torch.float32)
+    row = 0
+    for j, sh in enumerate(shapes):
+        W[:, row:row + sh[0]].copy_(torch.stack([s[j] for s in ws]))
+        row += sh[0]
+    return W
 
 
 def _stack_rows(layer, stacks):
@@ -302,6 +330,26 @@ def _check_finite(W, H, stacks, prefix):
                             f"projection weights of {layer} (or use model.dtype float32 if it is float16)")
 
 
+def _nonfinite(T: torch.Tensor) -> torch.Tensor:
+    """[E] bool on T's device, no host sync: which matrices of T [E, R, C] hold NaN or Inf."""
+    return ~torch.isfinite(torch.linalg.vector_norm(T, float("inf"), dim=(-2, -1)))
+
+
+def _raise_nonfinite(bad_W: torch.Tensor, bad_H: torch.Tensor, stacks, prefix) -> None:
+    """_check_finite's errors from flags computed earlier (`_nonfinite`): one sync when all is finite."""
+    from alphaquant.errors import UserError
+    if not bool(torch.cat([bad_W, bad_H]).any()):
+        return
+    layer = prefix.rstrip(".")
+    if bad_W.any():
+        raise UserError(f"the weight of {prefix + stacks[int(bad_W.nonzero()[0])][1][0]} holds NaN or Inf values "
+                        f"before its GPTQ solve; the checkpoint or an earlier step of {layer} produced them, so it "
+                        f"cannot be quantized")
+    raise UserError(f"the calibration activations entering {prefix + stacks[int(bad_H.nonzero()[0])][1][0]} hold NaN "
+                    f"or Inf (they overflow in {layer} or an earlier layer), so its GPTQ solve is impossible; check "
+                    f"the norm and projection weights of {layer} (or use model.dtype float32 if it is float16)")
+
+
 def _rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -371,13 +419,26 @@ def _gather_meta(losses, fallbacks, world):
     return [x for g in gathered for x in g[0]], [f for g in gathered for f in g[1]]
 
 
-def _relative_error(W, Wq, H):
-    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) per stack: the output error on calibration inputs.
+def _relative_error(W, Wq, H) -> list[float]:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) per stack: the output error on calibration inputs."""
+    return _relative_error_t(W, Wq, H).tolist()
+
+
+def _relative_error_t(W, Wq, H) -> torch.Tensor:
+    """`_relative_error` as a [E] tensor where W is (no host sync).
 
     A reported figure, not an input of the solve: TF32 tensor cores (relative error ~1e-3 of
-    the figure) instead of fp32 SIMT matmuls, which cost ~60 ms per MoE layer on an H100."""
+    the figure) instead of fp32 SIMT matmuls, which cost ~60 ms per MoE layer on an H100. Each trace
+    Σ_rc (A H)_rc A_rc is one batched dot product of flat views ([E, 1, RC] @ [E, RC, 1]); einsum copied both
+    operands first (~12 ms per OLMoE layer on an H200)."""
     D = Wq - W
     with TF32():
-        num = torch.einsum("erc,erc->e", D @ H, D)
-        den = torch.einsum("erc,erc->e", W @ H, W).clamp_min(1e-30)
-    return (num / den).tolist()
+        num = _trace_dot(D @ H, D)
+        den = _trace_dot(W @ H, W).clamp_min(1e-30)
+    return num / den
+
+
+def _trace_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_rc a[e, r, c] b[e, r, c] per e, for a contiguous and b of the same shape."""
+    E = a.shape[0]
+    return torch.bmm(a.reshape(E, 1, -1), b.reshape(E, -1, 1)).reshape(E)

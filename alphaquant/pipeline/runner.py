@@ -75,7 +75,7 @@ class LayerRunner(L.LightningModule):
     def _capturer(self, cache: str):
         def pre(_mod, args):
             self.stores[cache].put(self._idx, args[0])
-            self.captured.setdefault(cache, set()).update(int(i) for i in self._idx)
+            self.captured.setdefault(cache, set()).update(self._idx.tolist())
         return pre
 
     @torch.no_grad()
@@ -83,7 +83,7 @@ class LayerRunner(L.LightningModule):
         store = self.stores[self.plan.stream]
         idx = batch                                               # [B] sample indices
         self._idx = idx
-        self.seen.update(int(i) for i in idx)
+        self.seen.update(idx.tolist())                            # one call, not an item() per sample
         reuse = self.plan.reuse
         if reuse.resume == "mlp":           # h = x + attn(norm(x)) from an earlier pass: the layer input is not read
             hidden = self.stores[reuse.resume_from].get(idx, self.device)

@@ -39,7 +39,7 @@ class SampleStore:
 
     def get(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Hidden states of a batch of sample indices, stacked [B, T, H] on `device`."""
-        ids = [int(i) for i in idx]
+        ids = [int(i) for i in idx.tolist()]
         missing = [i for i in ids if i not in self.hidden]
         if missing and len(missing) != len(ids):
             raise RuntimeError("sample store holds part of a batch; batches must stay fixed across passes")
@@ -80,7 +80,7 @@ class SampleStore:
             self._batches.pop(int(i), None)
 
     def token_ids(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self.tokens[[int(i) for i in idx]].to(device)
+        return self.tokens[[int(i) for i in idx.tolist()]].to(device)
 
     def cached_devices(self) -> set[torch.device]:
         """Devices the cached hidden states are on (diagnostics and tests)."""
