@@ -78,6 +78,12 @@ class LayerRunner(L.LightningModule):
             self.captured.setdefault(cache, set()).update(self._idx.tolist())
         return pre
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """A batch is sample indices: they stay on the host. Every use of them is host-side (store lookups, the
+        sets of samples seen and captured); moved to the GPU (Lightning's default) each int() of them was a
+        device sync inside the layer's forward, three per batch, each draining the GPU's queue."""
+        return batch
+
     @torch.no_grad()
     def predict_step(self, batch: torch.Tensor, batch_idx: int):
         store = self.stores[self.plan.stream]
