@@ -66,9 +66,13 @@ def _warm(device, fmt, cfg) -> None:
     # the layer's forward: linears, attention, the routed experts' grouped GEMM
     x = ramp(256, 256).to(dtype)
     torch.nn.functional.linear(x, x)
+    from torch.nn.attention import sdpa_kernel
+
+    from alphaquant.models.common.attention import CUDA_SDPA_BACKENDS     # the kernels the model's attention takes
+    from alphaquant.models.common.moe import _grouped_mm_fn
     q = ramp(1, 2, 128, 128).to(dtype)
-    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    from models.common.moe import _grouped_mm_fn
+    with sdpa_kernel(CUDA_SDPA_BACKENDS):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     gmm = _grouped_mm_fn()
     if gmm is not None:
         gmm(x, ramp(2, 256, 256).to(dtype).transpose(-2, -1), offs=torch.tensor([128, 256], device=device,
