@@ -1,12 +1,13 @@
 """Where the GPU waits: a report over a torch.profiler timeline (`bench/e2e.py --profile --trace`).
 
-    python bench/trace_report.py WORKDIR/trace.json.gz [--out report.json]
+    python bench/trace_report.py WORKDIR/trace.json.gz [--layers 1:14] [--out report.json]
 
 Prints, per decoder layer and pass (the `pass:<phase>:<stream>:g<group>` ranges bench/e2e.py records):
 the pass's host wall time, the GPU time of the kernels it launched and the GPU's idle time inside it; then
-the idle time of the whole run by what the main thread was doing while the GPU had nothing to run
-(the outermost host op that overlaps the gap, or "python" where no op ran: interpreter work between ops),
-and the kernels by total GPU time. A layer starts at its first collect pass (g0).
+the idle time of the whole run (or, with --layers, of those layers, per layer) by what the main thread was
+doing while the GPU had nothing to run (the outermost host op that overlaps the gap, or "python" where no op
+ran: interpreter work between ops), and the kernels by total GPU time. A layer starts at its first collect
+pass (g0).
 """
 from __future__ import annotations
 
@@ -171,6 +172,30 @@ def report(events: list[dict], min_gap_us: float = 20.0) -> dict:
     }
 
 
+def layer_window(events: list[dict], first: int, last: int) -> list[dict]:
+    """The events that start while layers first..last (inclusive) run: from layer `first`'s first pass (g0) to the
+    start of layer last+1's (or the end of the timeline)."""
+    starts = sorted(e["ts"] for e in events
+                    if e.get("cat") == "user_annotation" and e["name"].startswith("pass:collect:calib:g0"))
+    if not 0 <= first <= last < len(starts):
+        raise SystemExit(f"--layers {first}:{last}: the trace holds layers 0-{len(starts) - 1}")
+    lo = starts[first]
+    hi = starts[last + 1] if last + 1 < len(starts) else float("inf")
+    return [e for e in events if lo <= e["ts"] < hi]
+
+
+def per_layer(r: dict, layers: int) -> dict:
+    """A report of several layers' window with its time figures divided by the number of layers."""
+    out = dict(r)
+    for k in ("span_s", "gpu_busy_s", "gpu_idle_s"):
+        out[k] = r[k] / layers
+    for k in ("idle_by_host_op_ms", "idle_by_pass_ms", "idle_by_range_ms"):
+        out[k] = {n: v / layers for n, v in r[k].items()}
+    out["kernels_ms"] = [{**k, "ms": k["ms"] / layers, "count": k["count"] / layers} for k in r["kernels_ms"]]
+    out["layers"] = layers
+    return out
+
+
 def print_report(r: dict) -> None:
     print(f"timeline {r['span_s']:.2f} s: GPU busy {r['gpu_busy_s']:.2f} s, idle {r['gpu_idle_s']:.2f} s")
     print("\n| layer | pass | host wall (ms) | GPU kernels (ms) | GPU idle in pass (ms) | kernels |\n|---|---|---|---|---|---|")
@@ -197,12 +222,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trace", type=Path)
     p.add_argument("--min-gap-us", type=float, default=20.0, help="GPU idle stretches shorter than this are ignored")
+    p.add_argument("--layers", metavar="FIRST:LAST",
+                   help="only these decoder layers (e.g. 1:14, the steady ones of 16), time figures per layer")
     p.add_argument("--out", type=Path, help="the report as JSON")
     a = p.parse_args(argv)
     if not a.trace.is_file():
         print(f"error: no trace file at {a.trace}", file=sys.stderr)
         return 2
-    r = report(load(a.trace), a.min_gap_us)
+    events = load(a.trace)
+    if a.layers:
+        try:
+            first, last = (int(v) for v in a.layers.split(":"))
+        except ValueError:
+            print(f"error: --layers takes FIRST:LAST (two layer indices), got {a.layers!r}", file=sys.stderr)
+            return 2
+        r = per_layer(report(layer_window(events, first, last), a.min_gap_us), last - first + 1)
+        print(f"layers {first}-{last}, per layer:")
+    else:
+        r = report(events, a.min_gap_us)
     print_report(r)
     if a.out:
         a.out.write_text(json.dumps(r, indent=1))

@@ -57,3 +57,21 @@ def test_a_trace_without_pass_ranges_is_refused(tmp_path):
     path.write_text(json.dumps([{"ph": "X", "name": "k", "cat": "kernel", "ts": 0, "dur": 1, "tid": 7}]))
     with pytest.raises(SystemExit, match="no pass: ranges"):
         trace_report.report(trace_report.load(path))
+
+
+def test_a_window_of_layers_is_reported_per_layer():
+    """Two layers: the first as in the test above, the second the same shifted by 1500 us; --layers 1:1 sees
+    only the second, --layers 0:1 both, per layer."""
+    first = _events()
+    second = [{**e, "ts": e["ts"] + 1500, "args": {**e["args"], **({"correlation": e["args"]["correlation"] + 10}
+                                                                  if "correlation" in e["args"] else {})}}
+              for e in first]
+    events = [e for e in first + second if e.get("ph") == "X"]
+    one = trace_report.report(trace_report.layer_window(events, 1, 1))
+    assert [p["layer"] for p in one["passes"]] == [0, 0]      # re-counted within the window
+    assert one["gpu_busy_s"] == pytest.approx(500e-6)
+    both = trace_report.per_layer(trace_report.report(trace_report.layer_window(events, 0, 1)), 2)
+    assert both["gpu_busy_s"] == pytest.approx(500e-6)
+    assert both["idle_by_range_ms"]["aq:B"] == pytest.approx(0.1)
+    with pytest.raises(SystemExit, match="holds layers 0-1"):
+        trace_report.layer_window(events, 1, 2)
