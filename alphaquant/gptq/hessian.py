@@ -188,6 +188,59 @@ def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     return H
 
 
+# rows of consecutive experts whose weighted operand is split in one launch: hi + lo of at most 2 x 2**26 elements
+# (256 MiB in bf16) beside the layer's activations
+SPLIT_CHUNK_ELEMS = 1 << 26
+
+
+def _fast_weighted(x: torch.Tensor, H: torch.Tensor) -> bool:
+    """accumulate_hessian_fast would take its half-precision weighted branch for every expert of H [E, C, C], and
+    a run's hi/lo rows start 256-byte aligned as a fresh tensor's do (C % 128 == 0: the matmul library picks its
+    kernel by the operands' alignment, so the same alignment keeps the same kernel, and the same bits)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and H.dim() == 3 and _HALF_MM_FP32_OUT[0]
+            and x.shape[-1] % 128 == 0)
+
+
+def _each_segment(H, x, counts, weight, e0: int, start: int) -> None:
+    """H[e] += Σ c x xᵀ over expert e's rows, for e = e0, e0 + 1, ... (rows from `start`), one call each."""
+    for e in range(e0, len(counts)):
+        n = counts[e]
+        if n:
+            accumulate_hessian_fast(H[e], x[start:start + n], None if weight is None else weight[start:start + n])
+        start += n
+
+
+def _weighted_segments(H, x, counts, w) -> None:
+    """`_each_segment` with weights, its c·x = hi + lo split done for runs of consecutive experts at once
+    (SPLIT_CHUNK_ELEMS) instead of one launch per expert: the split is elementwise, so each expert's rows of a
+    run's hi/lo are the very values of its own split, and its two products and additions are the same calls on
+    the same values (views with the same strides) -- the same bits. 64 experts' down_proj inputs on an H200 made
+    this loop host-bound (five launches per expert for ~0.13 ms of GPU work each)."""
+    budget = max(1, SPLIT_CHUNK_ELEMS // max(1, x.shape[-1]))      # rows per split
+    E, e, start = len(counts), 0, 0
+    while e < E:
+        j, rows = e, 0
+        while j < E and (j == e or rows + counts[j] <= budget):
+            rows += counts[j]
+            j += 1
+        hi, lo = split_weighted(x[start:start + rows], w[start:start + rows]) if rows else (None, None)
+        off = 0
+        for k in range(e, j):
+            n = counts[k]
+            if n:
+                xs = x[start + off:start + off + n]
+                try:
+                    p, q = _mm_fp32(hi[off:off + n].T, xs), _mm_fp32(lo[off:off + n].T, xs)
+                except (RuntimeError, TypeError, NotImplementedError):   # as accumulate_hessian_fast: an older
+                    _HALF_MM_FP32_OUT[0] = False                       # torch / GPU; nothing of expert k added
+                    _each_segment(H, x, counts, w, k, start + off)
+                    return
+                H[k].add_(p).add_(q)
+            off += n
+        start += rows
+        e = j
+
+
 def accumulate_segments(state: "HessianState", x_sorted: torch.Tensor, counts: list[int],
                         weight: torch.Tensor | None = None, experts: torch.Tensor | None = None) -> None:
     """All experts of a batched state at once: state.H[e] += Σ c x xᵀ over expert e's rows.
@@ -200,12 +253,10 @@ def accumulate_segments(state: "HessianState", x_sorted: torch.Tensor, counts: l
     E = state.H.shape[0]
     if len(counts) != E or sum(counts) != x_sorted.shape[0]:
         raise ValueError(f"counts {len(counts)} experts / {sum(counts)} rows do not match H [{E}] and x {tuple(x_sorted.shape)}")
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            c = None if weight is None else weight[start:start + n]
-            accumulate_hessian_fast(state.H[e], x_sorted[start:start + n], c)
-        start += n
+    if weight is not None and _fast_weighted(x_sorted, state.H):
+        _weighted_segments(state.H, x_sorted, counts, weight.reshape(-1))
+    else:
+        _each_segment(state.H, x_sorted, counts, weight, 0, 0)
     if weight is None:
         cnt = torch.tensor(counts, dtype=torch.int64, device=state.n_tokens.device)
         state.n_tokens += cnt
