@@ -314,20 +314,9 @@ def _check_finite(W, H, stacks, prefix):
     """UserError naming the first module whose weight or calibration inputs (Hessian) hold NaN/Inf,
     before GPTQ is asked to solve it (the solver would only say "W contains NaN"). W or H may be None
     (the Hessians are checked chunk by chunk, `stacks` then the chunk's)."""
-    from alphaquant.errors import UserError
-    layer = prefix.rstrip(".")
-    for what, T in (("weight", W), ("Hessian", H)):
-        if T is None:
-            continue
-        bad = ~torch.isfinite(torch.linalg.vector_norm(T, float("inf"), dim=(-2, -1)))          # [E]
-        if bad.any():
-            name = prefix + stacks[int(bad.nonzero()[0])][1][0]
-            if what == "weight":
-                raise UserError(f"the weight of {name} holds NaN or Inf values before its GPTQ solve; "
-                                f"the checkpoint or an earlier step of {layer} produced them, so it cannot be quantized")
-            raise UserError(f"the calibration activations entering {name} hold NaN or Inf (they overflow in "
-                            f"{layer} or an earlier layer), so its GPTQ solve is impossible; check the norm and "
-                            f"projection weights of {layer} (or use model.dtype float32 if it is float16)")
+    T = W if W is not None else H
+    none = torch.zeros(T.shape[0], dtype=torch.bool, device=T.device)
+    _raise_nonfinite(none if W is None else _nonfinite(W), none if H is None else _nonfinite(H), stacks, prefix)
 
 
 def _nonfinite(T: torch.Tensor) -> torch.Tensor:
@@ -336,7 +325,8 @@ def _nonfinite(T: torch.Tensor) -> torch.Tensor:
 
 
 def _raise_nonfinite(bad_W: torch.Tensor, bad_H: torch.Tensor, stacks, prefix) -> None:
-    """_check_finite's errors from flags computed earlier (`_nonfinite`): one sync when all is finite."""
+    """`_check_finite`'s errors from flags computed earlier (`_nonfinite`, [E] each): one host sync when all is
+    finite; a bad weight is named before a bad Hessian."""
     from alphaquant.errors import UserError
     if not bool(torch.cat([bad_W, bad_H]).any()):
         return
