@@ -105,9 +105,11 @@ def test_ddp_killed_after_a_layer_resumes_to_the_same_checkpoint(runs, tmp_path)
     killed = subprocess.run([*torchrun, "--no-python", sys.executable, "-c", KILLER, "--config", str(conf)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode != 0 and not (tmp_path / "resumed").exists()
-    # torchrun's report names the process that saved layer 0's state and was killed: the last rank
-    root = killed.stderr[killed.stderr.index("Root Cause"):]
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", root), root
+    # torchrun's report names the process that saved layer 0's state and was killed: the last rank. It is the
+    # "Root Cause" or, when rank 0's collective aborted within the same poll of torchrun (SIGABRT, seen on a 2-core
+    # CI host), one of the "Failures" listed above it
+    report = killed.stderr[killed.stderr.index("Failures:"):]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", report), report
     state = tmp_path / ".resumed.resume"
     assert (state / "layer_00000.safetensors").is_file(), killed.stderr[-2000:]
     again = subprocess.run([*torchrun, str(REPO / "train_quant.py"), "--config", str(conf)],
