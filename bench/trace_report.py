@@ -229,13 +229,27 @@ def main(argv=None) -> int:
     if not a.trace.is_file():
         print(f"error: no trace file at {a.trace}", file=sys.stderr)
         return 2
-    events = load(a.trace)
+    try:
+        return _report_file(a)
+    except SystemExit as e:           # the trace holds no pass ranges, or not those layers: one line, exit 2
+        if isinstance(e.code, str):
+            print(f"error: {a.trace}: {e.code}", file=sys.stderr)
+            return 2
+        raise
+    except (OSError, EOFError, ValueError, KeyError) as e:   # not a JSON timeline (damaged, truncated, other)
+        print(f"error: {a.trace} is not a readable torch.profiler trace ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+
+
+def _report_file(a) -> int:
     if a.layers:
         try:
             first, last = (int(v) for v in a.layers.split(":"))
         except ValueError:
             print(f"error: --layers takes FIRST:LAST (two layer indices), got {a.layers!r}", file=sys.stderr)
             return 2
+    events = load(a.trace)
+    if a.layers:
         r = per_layer(report(layer_window(events, first, last), a.min_gap_us), last - first + 1)
         print(f"layers {first}-{last}, per layer:")
     else:

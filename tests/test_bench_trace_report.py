@@ -75,3 +75,20 @@ def test_a_window_of_layers_is_reported_per_layer():
     assert both["idle_by_range_ms"]["aq:B"] == pytest.approx(0.1)
     with pytest.raises(SystemExit, match="holds layers 0-1"):
         trace_report.layer_window(events, 1, 2)
+
+
+def test_the_command_line_refuses_bad_input_in_one_line_with_exit_2(tmp_path, capsys):
+    good = tmp_path / "trace.json.gz"
+    with gzip.open(good, "wt") as f:
+        json.dump({"traceEvents": _events()}, f)
+    truncated = tmp_path / "cut.json.gz"
+    truncated.write_bytes(good.read_bytes()[:40])
+    cases = [([str(tmp_path / "missing.json")], "no trace file"),
+             ([str(truncated)], "not a readable torch.profiler trace"),
+             ([str(good), "--layers", "1-14"], "FIRST:LAST"),
+             ([str(good), "--layers", "0:3"], "holds layers 0-0")]
+    for argv, words in cases:
+        assert trace_report.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, (argv, err)
+    assert trace_report.main([str(good), "--layers", "0:0"]) == 0
