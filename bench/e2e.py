@@ -298,10 +298,11 @@ def stage_ours(args, work: Path) -> dict:
     # an earlier run's checkpoint (--workdir, --reuse-build) and a killed run's resume state are removed before the
     # clock starts: every run is timed as a first, whole run into a new directory (replacing an old checkpoint
     # would add its removal, ~0.6 s at OLMoE size; a resume state would skip layers)
+    import shutil
+
     from alphaquant.pipeline.resume import resume_dir
     for stale in (work / our_out_name(args), resume_dir(work / our_out_name(args))):
         if stale.is_dir():
-            import shutil
             shutil.rmtree(stale)
     prof = None
     if args.profile:
@@ -347,7 +348,6 @@ def stage_ours(args, work: Path) -> dict:
         (work / "profile_cpu.txt").write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=60))
         if args.trace:             # the timeline (chrome://tracing, Perfetto): where the GPU waits for the host
             import gzip
-            import shutil
             prof.export_chrome_trace(str(work / "trace.json"))
             with open(work / "trace.json", "rb") as src, gzip.open(work / "trace.json.gz", "wb") as dst:
                 shutil.copyfileobj(src, dst)

@@ -139,7 +139,7 @@ class GPTQSolve(Callback):
         Wq, params = parts["weight"], _params_from(parts)
         rel = []
         for sl, H in hess.parts(0, len(stacks)):
-            rel.append(_relative_error_t(W[sl], Wq[sl], H))
+            rel.append(_relative_error(W[sl], Wq[sl], H))
             del H
         # the figures the records need, to the host in one copy (one sync per bucket, not one per kind)
         n = len(stacks)
@@ -409,13 +409,8 @@ def _gather_meta(losses, fallbacks, world):
     return [x for g in gathered for x in g[0]], [f for g in gathered for f in g[1]]
 
 
-def _relative_error(W, Wq, H) -> list[float]:
-    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) per stack: the output error on calibration inputs."""
-    return _relative_error_t(W, Wq, H).tolist()
-
-
-def _relative_error_t(W, Wq, H) -> torch.Tensor:
-    """`_relative_error` as a [E] tensor where W is (no host sync).
+def _relative_error(W, Wq, H) -> torch.Tensor:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) per stack, [E] where W is (no host sync): the output error on calibration inputs.
 
     A reported figure, not an input of the solve: TF32 tensor cores (relative error ~1e-3 of
     the figure) instead of fp32 SIMT matmuls, which cost ~60 ms per MoE layer on an H100. Each trace

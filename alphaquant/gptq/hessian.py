@@ -173,7 +173,7 @@ def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tens
             else:
                 # c*x = hi + lo, both half precision (~2^-17 relative error of each c*x), from one kernel
                 hi, lo = split_weighted(x2, weight.reshape(-1))
-                H.add_(_mm_fp32(hi.T, x2)).add_(_mm_fp32(lo.T, x2))
+                _add_split_products(H, hi, lo, x2)
             return H
         except (RuntimeError, TypeError, NotImplementedError):     # an older torch / GPU without it
             _HALF_MM_FP32_OUT[0] = False
@@ -228,17 +228,21 @@ def _weighted_segments(H, x, counts, w) -> None:
         for k in range(e, j):
             n = counts[k]
             if n:
-                xs = x[start + off:start + off + n]
                 try:
-                    p, q = _mm_fp32(hi[off:off + n].T, xs), _mm_fp32(lo[off:off + n].T, xs)
+                    _add_split_products(H[k], hi[off:off + n], lo[off:off + n], x[start + off:start + off + n])
                 except (RuntimeError, TypeError, NotImplementedError):   # as accumulate_hessian_fast: an older
                     _HALF_MM_FP32_OUT[0] = False                       # torch / GPU; nothing of expert k added
                     _each_segment(H, x, counts, w, k, start + off)
                     return
-                H[k].add_(p).add_(q)
             off += n
         start += rows
         e = j
+
+
+def _add_split_products(H: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor) -> None:
+    """H += hiᵀx + loᵀx (both products formed before H changes: a refused matmul leaves H as it was)."""
+    p, q = _mm_fp32(hi.T, x), _mm_fp32(lo.T, x)
+    H.add_(p).add_(q)
 
 
 def accumulate_segments(state: "HessianState", x_sorted: torch.Tensor, counts: list[int],

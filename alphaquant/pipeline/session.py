@@ -31,6 +31,7 @@ class CalibrationSession:
         self.results: dict = {}
         self.extra_perplexity: dict[str, float] = {}   # e.g. {"gptq_uniform": ppl} from eval.compare_hessians
         self.stage_seconds: dict[str, float] = {}      # data, setup, walk, plots, finish, cleanup (time outside the layers)
+        self._warmup = None                             # pipeline/warmup.py's thread, from prepare until the data is in
 
     # -- before any weight is read ----------------------------------------------------------
     def prepare(self, dry_run: bool = False) -> None:
@@ -96,7 +97,7 @@ class CalibrationSession:
                                          max_pos=getattr(mc, "max_position_embeddings", None), model=self.model)
             self.stage_seconds["data"] = time.perf_counter() - t0
         finally:         # the warm-up (prepare's) overlapped the data stage; none of it runs beside the walk
-            join_warmup(getattr(self, "_warmup", None))
+            join_warmup(self._warmup)
             self._warmup = None
         # comparison runs first, so the saved summary and the loggers carry their perplexities too
         self.extra_perplexity = {f"gptq_{mode}": self._compare(mode)

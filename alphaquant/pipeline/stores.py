@@ -39,7 +39,7 @@ class SampleStore:
 
     def get(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Hidden states of a batch of sample indices, stacked [B, T, H] on `device`."""
-        ids = [int(i) for i in idx.tolist()]
+        ids = idx.tolist()
         missing = [i for i in ids if i not in self.hidden]
         if missing and len(missing) != len(ids):
             raise RuntimeError("sample store holds part of a batch; batches must stay fixed across passes")
@@ -57,7 +57,7 @@ class SampleStore:
     def put(self, idx: torch.Tensor, hidden: torch.Tensor) -> None:
         """Store a batch of layer outputs [B, T, H] as the next layer's inputs."""
         target = self.device or hidden.device
-        ids = [int(i) for i in idx.tolist()]
+        ids = idx.tolist()
         hidden = hidden.detach()
         if target.type == "cpu" and hidden.device.type == "cuda":
             buf = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
@@ -76,11 +76,11 @@ class SampleStore:
     def drop(self, idx: torch.Tensor) -> None:
         """Forget these samples (their batch's memory goes once no sample of it is held)."""
         for i in idx.tolist():
-            self.hidden.pop(int(i), None)
-            self._batches.pop(int(i), None)
+            self.hidden.pop(i, None)
+            self._batches.pop(i, None)
 
     def token_ids(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self.tokens[[int(i) for i in idx.tolist()]].to(device)
+        return self.tokens[idx.tolist()].to(device)
 
     def cached_devices(self) -> set[torch.device]:
         """Devices the cached hidden states are on (diagnostics and tests)."""

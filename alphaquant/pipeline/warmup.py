@@ -14,6 +14,7 @@ the trainer exists.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -61,7 +62,7 @@ def _warm(device, fmt, cfg) -> None:
     dtype = getattr(torch, cfg.model.dtype, torch.bfloat16) if isinstance(cfg.model.dtype, str) else torch.bfloat16
     if dtype not in (torch.bfloat16, torch.float16):
         dtype = torch.bfloat16
-    ramp = lambda *shape: (torch.arange(int(torch.tensor(shape).prod()), device=device, dtype=torch.float32)  # noqa: E731
+    ramp = lambda *shape: (torch.arange(math.prod(shape), device=device, dtype=torch.float32)  # noqa: E731
                            .reshape(shape).remainder(7).sub(3).mul(0.1))
     # the layer's forward: linears, attention, the routed experts' grouped GEMM
     x = ramp(256, 256).to(dtype)
