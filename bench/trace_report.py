@@ -160,6 +160,21 @@ def report(events: list[dict], min_gap_us: float = 20.0) -> dict:
     for k in gpu:
         kernels[k["name"][:90]] += k["dur"]
         counts[k["name"][:90]] += 1
+    # GPU time by where it was launched: the innermost range on the main thread and the outermost host op there
+    gpu_by_range, gpu_by_site = collections.Counter(), collections.Counter()
+    for k in gpu:
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        if launch is None or launch["tid"] != main_tid:
+            where, op = "(not launched by the main thread)", ""
+        else:
+            t = launch["ts"]
+            i = bisect.bisect_right(seg_starts, t) - 1
+            where = segs[i][2] if i >= 0 and t < segs[i][1] else "(no range)"
+            where = where.split(":g")[0] if where.startswith("pass:") else where
+            j = bisect.bisect_right(op_starts, t) - 1
+            op = host_ops[j]["name"] if j >= 0 and t < host_ops[j]["ts"] + host_ops[j]["dur"] else ""
+        gpu_by_range[where] += k["dur"]
+        gpu_by_site[f"{where} / {op}" if op else where] += k["dur"]
     return {
         "span_s": (t1 - t0) / 1e6, "gpu_busy_s": sum(b - a for a, b in busy) / 1e6,
         "gpu_idle_s": sum(b - a for a, b in gaps) / 1e6,
@@ -169,6 +184,8 @@ def report(events: list[dict], min_gap_us: float = 20.0) -> dict:
         "idle_by_range_ms": {k: v / 1e3 for k, v in by_range.most_common(40)},
         "largest_gaps": biggest,
         "kernels_ms": [{"kernel": k, "ms": v / 1e3, "count": counts[k]} for k, v in kernels.most_common(30)],
+        "gpu_by_range_ms": {k: v / 1e3 for k, v in gpu_by_range.most_common(40)},
+        "gpu_by_site_ms": {k: v / 1e3 for k, v in gpu_by_site.most_common(50)},
     }
 
 
@@ -189,7 +206,7 @@ def per_layer(r: dict, layers: int) -> dict:
     out = dict(r)
     for k in ("span_s", "gpu_busy_s", "gpu_idle_s"):
         out[k] = r[k] / layers
-    for k in ("idle_by_host_op_ms", "idle_by_pass_ms", "idle_by_range_ms"):
+    for k in ("idle_by_host_op_ms", "idle_by_pass_ms", "idle_by_range_ms", "gpu_by_range_ms", "gpu_by_site_ms"):
         out[k] = {n: v / layers for n, v in r[k].items()}
     out["kernels_ms"] = [{**k, "ms": k["ms"] / layers, "count": k["count"] / layers} for k in r["kernels_ms"]]
     out["layers"] = layers
@@ -213,6 +230,12 @@ def print_report(r: dict) -> None:
     print("\n| largest GPU idle stretches: at (s) | ms | ranges the main thread was in |\n|---|---|---|")
     for g in r["largest_gaps"]:
         print(f"| {g['at_s']:.3f} | {g['ms']:.1f} | {' > '.join(g['ranges'])} |")
+    print("\n| GPU kernel time by the innermost range that launched it | ms |\n|---|---|")
+    for k, v in r["gpu_by_range_ms"].items():
+        print(f"| {k} | {v:.1f} |")
+    print("\n| GPU kernel time by range / outermost host op at the launch | ms |\n|---|---|")
+    for k, v in r["gpu_by_site_ms"].items():
+        print(f"| {k} | {v:.1f} |")
     print("\n| kernel | GPU ms | count |\n|---|---|---|")
     for k in r["kernels_ms"]:
         print(f"| {k['kernel']} | {k['ms']:.1f} | {k['count']} |")

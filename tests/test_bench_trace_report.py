@@ -50,6 +50,11 @@ def test_idle_time_by_pass_range_and_host_op(tmp_path):
     assert ops["aten::mm"] == pytest.approx(0.09) and ops["aten::copy_"] == pytest.approx(0.2)
     assert ops["python (no op on the main thread)"] == pytest.approx(1.0 - 0.09 - 0.2)
     assert r["largest_gaps"][0]["ms"] == pytest.approx(0.6)
+    # GPU time by launch site: gemm launched at 50 (range A, inside aten::mm), copyk at 690 (only the pass's range
+    # is open there, inside aten::copy_)
+    assert r["gpu_by_range_ms"] == {"aq:A": pytest.approx(0.3), "pass:collect:calib": pytest.approx(0.2)}
+    assert r["gpu_by_site_ms"] == {"aq:A / aten::mm": pytest.approx(0.3),
+                                   "pass:collect:calib / aten::copy_": pytest.approx(0.2)}
 
 
 def test_a_trace_without_pass_ranges_is_refused(tmp_path):
