@@ -243,7 +243,8 @@ def test_kernel_in_triton_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or fused_sweep.triton is None, reason="needs a CUDA device and Triton")
-def test_kernel_on_gpu_equals_torch_search():
+def test_kernel_on_gpu_equals_torch_search(monkeypatch):
+    monkeypatch.setattr(fused_scale_search, "FAST_LOG2", False)       # the precise software log2
     check_all("cuda", big=True)
     fmt = get_format("int4", group_size=128)
     w = _weights().cuda()
@@ -254,10 +255,11 @@ def test_kernel_on_gpu_equals_torch_search():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or fused_sweep.triton is None, reason="needs a CUDA device and Triton")
 def test_fast_log2_on_gpu(monkeypatch):
-    monkeypatch.setattr(fused_scale_search, "FAST_LOG2", True)
+    monkeypatch.setattr(fused_scale_search, "FAST_LOG2", True)         # the default on CUDA
     w = _weights(E=4, R=64, C=512)
     for name, opts, weighted in INT_CASES + MX_CASES:
         check_case(name, opts, weighted, w, device="cuda")
+    check_all("cuda", big=True)
 
 
 if __name__ == "__main__":             # the interpreter run (see test_kernel_in_triton_interpreter)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import MoEModelConfig
 from .layers import SwiGLUMLP
 
@@ -199,10 +200,14 @@ class ExpertRoute:
 
     def combine(self, contrib: torch.Tensor) -> torch.Tensor:
         """contrib [T*k, H] (sorted rows) -> [T, H]: per token, the sum over its experts in expert order."""
-        out = contrib.index_select(0, self.rows_by_token[:, 0])
-        for r in range(1, self.rows_by_token.shape[1]):
-            out.add_(contrib.index_select(0, self.rows_by_token[:, r]))
-        return out
+        return kernels.combine_rows(contrib, self.rows_by_token)
+
+    def combine_weighted(self, y: torch.Tensor) -> torch.Tensor:
+        """`combine` of y scaled by each row's routing weight (rounded to y's dtype, as ``(y * w).to(y.dtype)``):
+        on CUDA one kernel (models/common/kernels.py, the same bits), else y.mul_(weights) in place, then combine."""
+        if kernels.enabled(y):
+            return kernels.weighted_combine(y, self.weights, self.rows_by_token)
+        return kernels.weighted_combine_eager(y, self.weights, self.rows_by_token)
 
 
 EXPERTS_IMPLS = ("auto", "grouped", "loop")
@@ -317,11 +322,10 @@ class SparseMoeBlock(nn.Module):
             raise RuntimeError(f"experts_impl='grouped' but the grouped path cannot run: {blocker}")
         if blocker is None:
             self.last_experts_impl = "grouped"
-            contrib = self._experts_grouped(x, route)
+            out = route.combine_weighted(self._experts_grouped(x, route))
         else:
             self.last_experts_impl = "loop"
-            contrib = self._experts_loop(x, route)
-        out = route.combine(contrib)
+            out = route.combine(self._experts_loop(x, route))
         if self.shared_attr:
             shared = getattr(self, self.shared_attr)(x)  # (T, H)
             if hasattr(self, "shared_expert_gate"):
@@ -362,7 +366,8 @@ class SparseMoeBlock(nn.Module):
         return h
 
     def _experts_grouped(self, x: torch.Tensor, route: ExpertRoute) -> torch.Tensor:
-        """All experts at once -> (T*k, H) weighted outputs, rows sorted by expert; no host sync.
+        """All experts at once -> (T*k, H) outputs before the routing weights (`ExpertRoute.combine_weighted`
+        applies them), rows sorted by expert; no host sync.
 
         The expert's own math (SwiGLUMLP: down(silu(gate(x)) * up(x))) as three grouped matmuls, each weight
         passed as the transposed view [E, K, N] of its stack [E, N, K] (the column-major layout the CUDA kernels
@@ -373,8 +378,6 @@ class SparseMoeBlock(nn.Module):
         mm = _grouped_mm_fn()
         offs = route.ends.to(torch.int32)                                                 # [E] cumulative counts
         h = self.expert_act(self.down_inputs(x, route, offs))                             # (T*k, I)
-        y = mm(h, self._stacked(self.experts[0].names[2]), offs=offs)                     # (T*k, H)
-        del h
-        # in place: computed in the promoted dtype (fp32 for Mixtral's weights) and rounded once to x's, as the
-        # loop's (y * w).to(x.dtype), without a [T*k, H] fp32 temporary
-        return y.mul_(route.weights[:, None])
+        # the routing weights are applied by combine_weighted: in the promoted dtype (fp32 for Mixtral's) and
+        # rounded once to x's, as the loop's (y * w).to(x.dtype)
+        return mm(h, self._stacked(self.experts[0].names[2]), offs=offs)                  # (T*k, H)
