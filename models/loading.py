@@ -356,12 +356,17 @@ def read_layer(model: MoEForCausalLM, i: int, dtype: str | torch.dtype | None = 
         reader.close()
 
 
-def install_layer(model: MoEForCausalLM, i: int, tensors: dict[str, torch.Tensor],
-                  device: str | torch.device | None = None) -> nn.Module:
-    """Put `read_layer`'s tensors into layer i on `device` (asynchronous copies from pinned memory);
-    NaN/Inf weights are found with one check for the whole layer. Returns the layer."""
-    device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
-    placed = {k: t.to(device, non_blocking=True) for k, t in tensors.items()}
+class PlacedLayer(dict):
+    """`place_layer`'s tensors: already on the accelerator and checked finite (install_layer only sets them)."""
+
+
+def place_layer(model: MoEForCausalLM, tensors: dict[str, torch.Tensor],
+                device: str | torch.device) -> PlacedLayer:
+    """`read_layer`'s tensors copied to `device` (asynchronous from pinned memory, on the current stream) and
+    checked for NaN/Inf with one host sync for the whole layer (CheckpointError naming the weight). A prefetch
+    thread may call it for the next layer on its own CUDA stream while another layer computes: the sync then
+    waits for that stream's copies only."""
+    placed = PlacedLayer({k: t.to(device, non_blocking=True) for k, t in tensors.items()})
     floats = [t for t in placed.values() if t.is_floating_point() and t.numel()]
     if floats:
         norms = torch.stack([torch.linalg.vector_norm(t, float("inf")).float() for t in floats])
@@ -369,6 +374,24 @@ def install_layer(model: MoEForCausalLM, i: int, tensors: dict[str, torch.Tensor
             for key, t in placed.items():                   # rare: find and name the culprit
                 _check_finite(model, key, t)
             model.checkpoint.close()
+    return placed
+
+
+def install_layer(model: MoEForCausalLM, i: int, tensors: dict[str, torch.Tensor],
+                  device: str | torch.device | None = None) -> nn.Module:
+    """Put `read_layer`'s tensors into layer i on `device` (asynchronous copies from pinned memory);
+    NaN/Inf weights are found with one check for the whole layer. Returns the layer. `place_layer`'s tensors
+    (copied and checked ahead, maybe on another stream) are only set; the current stream is recorded on
+    them, so their memory is not reused while its kernels may still read them."""
+    device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
+    if isinstance(tensors, PlacedLayer) and all(t.device == device for t in tensors.values()):
+        placed = tensors
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            for t in placed.values():
+                t.record_stream(stream)
+    else:
+        placed = place_layer(model, tensors, device)
     for key, t in placed.items():
         _set_param(model, key, t)
     _retie(model)

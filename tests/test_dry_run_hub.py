@@ -176,7 +176,8 @@ def test_estimate_terms_are_the_counts(tiny_model):
     n, t, b = 8, 32, 4
     est = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b)
     assert est["gpu"]["cached inputs"] == n * t * 64 * 2
-    assert est["gpu"]["layer weights"] == 2 * shape.layers[0].weight_bytes
+    # the layer, the previous one being written and the next one copied to the GPU ahead
+    assert est["gpu"]["layer weights"] == 3 * shape.layers[0].weight_bytes
     assert est["gpu"]["Hessians"] == 8 * 64 * 64 * 4
     assert est["host"]["token ids"] == n * t * 16
     vocab, hidden = 320, 64
@@ -186,14 +187,20 @@ def test_estimate_terms_are_the_counts(tiny_model):
     assert bigger["activations"] == 4 * est["activations"]
     cpu = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b, gpu=False)
     assert cpu["gpu_total"] == 0 and cpu["host_total"] > est["host_total"]
-    # calibration.cache_device cpu: the cached inputs move from the GPU to pinned host memory, nothing else
+    # calibration.cache_device cpu: the cached inputs move from the GPU to pinned host memory, and the next layer
+    # is no longer copied to the GPU ahead
     pinned = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b, cache_on_host=True)
     assert "cached inputs" not in pinned["gpu"] and pinned["host"]["cached inputs (pinned)"] == n * t * 64 * 2
-    assert pinned["gpu_total"] == est["gpu_total"] - n * t * 64 * 2
+    assert pinned["gpu"]["layer weights"] == 2 * shape.layers[0].weight_bytes
+    assert pinned["gpu_total"] == est["gpu_total"] - n * t * 64 * 2 - shape.layers[0].weight_bytes
     assert pinned["host_total"] == est["host_total"] + n * t * 64 * 2
     # calibration.reuse_attention: one more calibration cache and one batch, where the cache is
     reuse = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b, reuse_attention=True)
     assert reuse["gpu"]["attention reuse cache"] == (n + b) * t * 64 * 2
-    assert reuse["gpu_total"] == est["gpu_total"] + (n + b) * t * 64 * 2 and reuse["host_total"] == est["host_total"]
+    # ... and the MoE block's down inputs of every calibration token: top_k 2 rows of the intermediate width 32
+    assert shape.layers[0].down_input_token_bytes == 2 * 32 * 2
+    assert reuse["gpu"]["down-input cache"] == n * t * 2 * 32 * 2
+    assert reuse["gpu_total"] == est["gpu_total"] + (n + b) * t * 64 * 2 + n * t * 2 * 32 * 2
+    assert reuse["host_total"] == est["host_total"]
     both = estimate_peak_memory(shape, num_samples=n, seq_len=t, batch_size=b, reuse_attention=True, cache_on_host=True)
     assert both["gpu_total"] == pinned["gpu_total"] and both["host_total"] == pinned["host_total"] + (n + b) * t * 64 * 2

@@ -3,6 +3,7 @@ is read at once into pageable memory; read errors reach the caller."""
 import threading
 
 import pytest
+import torch
 
 from alphaquant.pipeline.prefetch import LayerPrefetcher
 
@@ -30,6 +31,37 @@ def test_first_layer_read_inline_unpinned_next_in_background_pinned():
     finally:
         pf.close()
     assert ad.calls == [(0, False, True), (1, True, False)]
+
+
+class _Placing(_Adapter):
+    def place_layer(self, model, tensors, device):
+        self.calls.append(("place", tensors["layer"], str(device), str(torch.cuda.current_stream(device))))
+        return {**tensors, "placed": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_with_a_device_the_next_layer_is_placed_on_the_threads_own_stream():
+    ad = _Placing()
+    pf = LayerPrefetcher(ad, model=None, n_layers=3, pin_memory=True, device=torch.device("cuda", 0))
+    try:
+        assert pf.take(0) == {"layer": 0}              # the first layer: read inline, placed by install_layer
+        pf.request(1)
+        assert pf.take(1) == {"layer": 1, "placed": True}
+    finally:
+        pf.close()
+    assert ad.calls[-1][:3] == ("place", 1, "cuda:0")
+    assert ad.calls[-1][3] != str(torch.cuda.current_stream(0))     # not the main thread's stream
+
+
+def test_without_a_device_nothing_is_placed_ahead():
+    ad = _Placing()
+    pf = LayerPrefetcher(ad, model=None, n_layers=2, pin_memory=False)
+    try:
+        pf.request(1)
+        assert pf.take(1) == {"layer": 1}
+    finally:
+        pf.close()
 
 
 def test_background_read_error_is_raised_by_take():

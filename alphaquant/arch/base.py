@@ -109,6 +109,11 @@ class ArchAdapter:
             return models.read_layer(model, i, pin_memory=pin_memory)
         return None
 
+    def place_layer(self, model: nn.Module, tensors: dict | None, device):
+        """`read_layer`'s tensors copied to `device` and checked ahead of `install_layer` (the prefetch thread does
+        it for the next layer on its own CUDA stream); None stays None."""
+        return None if tensors is None else models.loading.place_layer(model, tensors, device)
+
     def install_layer(self, model: nn.Module, i: int, tensors: dict | None, device=None) -> nn.Module:
         """Layer i on `device` (default: where the embeddings are), from `read_layer`'s tensors."""
         if tensors is None:
@@ -125,8 +130,15 @@ class ArchAdapter:
         if type(layer).forward is not DecoderLayer.forward:
             return None
         attn = [f"self_attn.{n}" for n, m in layer.self_attn.named_children() if isinstance(m, nn.Linear)]
+        act, deps = None, frozenset()
+        blocks = self.moe_blocks(layer)
+        if len(blocks) == 1 and hasattr(layer.mlp_block, "from_down_inputs"):    # the routed down inputs too
+            b = blocks[0]
+            g, u, _ = b.proj_names
+            act = f"{b.name}.expert_act"
+            deps = frozenset([b.gate_name, *(f"{p}.{n}" for p in b.expert_prefixes.values() for n in (g, u))])
         return ReusePoints(qkv=frozenset(n for n in attn if n != "self_attn.o_proj"), o="self_attn.o_proj",
-                           h="post_attention_layernorm")
+                           h="post_attention_layernorm", act=act, act_deps=deps)
 
     def unload_layer(self, model: nn.Module, i: int) -> None:
         """Free layer i's weights if the model was loaded lazily (an eager model keeps them)."""

@@ -56,6 +56,10 @@ class GenericAdapter(ArchAdapter):
             return model.read_layer(i, pin_memory=pin_memory)
         return None
 
+    def place_layer(self, model, tensors, device):
+        """transformers' layers are placed by install_layer itself (the host tensors are returned as they are)."""
+        return tensors
+
     def install_layer(self, model, i: int, tensors, device=None):
         if tensors is None:
             layer = model.model.layers[i]

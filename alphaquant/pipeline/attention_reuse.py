@@ -5,23 +5,29 @@ more to propagate. Once a group's linears are solved, its part of the forward ne
 can start from what an earlier one computed there instead of recomputing it:
 
     groups:        q,k,v        o_proj                   experts gate/up          experts down        propagate
-    runs:          norm         attention                o_proj + MoE block       MoE block           MoE block
-    starts from:   input        input                    cached o_proj input      cached h            cached h
-    caches:                     o_proj input ("core")    h = x + attn(norm(x))
+    runs:          norm         attention                o_proj + MoE block       MoE block           down matmul
+    starts from:   input        input                    cached o_proj input      cached h            cached down
+                                                                                                      inputs + h
+    caches:                     o_proj input ("core")    h = x + attn(norm(x))    experts' down inputs ("act")
 
 (`plan`) -- the same kernels on the same values as the full forward from that point on, so the same bits out.
-It costs one calibration cache more (num_samples x seq_len x hidden on the device, or in pinned host memory
-with calibration.cache_device cpu); `calibration.reuse_attention: false` turns it off. Only for layers whose
-forward can resume part-way (`ArchAdapter.attention_reuse`: the local families), with true-sequential groups,
-not with gptq.asymmetric (its fp copy of the layer runs whole) nor on layers replayed from a resume state.
-Each pass must hand every calibration sample to the capture (checked: an incomplete cache is not used).
+"core" and "h" cost one calibration cache more (num_samples x seq_len x hidden on the device, or in pinned host
+memory with calibration.cache_device cpu); "act" holds each batch's routed down_proj inputs (top_k x
+moe_intermediate per token: 4 calibration caches for OLMoE-1B-7B) with their routing, on the device only (not with
+calibration.cache_device cpu), and saves the propagation its norm, router, gate/up matmuls and activation.
+`calibration.reuse_attention: false` turns all of it off. Only for layers whose forward can resume part-way
+(`ArchAdapter.attention_reuse`: the local families), with true-sequential groups, not with gptq.asymmetric (its fp
+copy of the layer runs whole) nor on layers replayed from a resume state. Each pass must hand every calibration
+sample to the capture (checked: an incomplete cache is not used; "act" is only filled where the MoE block takes its
+grouped path, which calls `expert_act`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-CORE, H = "calib_core", "calib_h"            # the two caches' stream names (SampleStores on the runner)
-RESUME = {H: "mlp", CORE: "o_proj"}           # cache -> DecoderLayer.forward(resume=...)
+CORE, H, ACT = "calib_core", "calib_h", "calib_act"   # the caches' stream names (stores on the runner)
+RESUME = {ACT: "down", H: "mlp", CORE: "o_proj"}       # cache -> DecoderLayer.forward(resume=...)
+SUPERSEDES = {H: CORE}          # capturing h makes the core cache useless (act is read beside h, not instead)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class ReusePoints:
     qkv: frozenset[str]
     o: str
     h: str
+    act: str | None = None          # the MoE block's expert_act (its input: the routed down_proj inputs), or None
+    act_deps: frozenset[str] = frozenset()   # every linear those inputs depend on (attention, router, gate/up)
 
 
 @dataclass(frozen=True)
@@ -49,12 +57,12 @@ class PassReuse:
     @property
     def supersedes(self) -> str | None:
         """The cache this pass reads and replaces by one it captures (its samples are dropped batch by batch)."""
-        return self.resume_from if any(c != self.resume_from for c, _ in self.capture) else None
+        return self.resume_from if any(SUPERSEDES.get(c) == self.resume_from for c, _ in self.capture) else None
 
 
 def start_from(held: set[str]) -> str | None:
-    """The furthest complete cache a pass can start from."""
-    return H if H in held else CORE if CORE in held else None
+    """The furthest complete cache a pass can start from ("act" needs "h" beside it)."""
+    return ACT if {ACT, H} <= held else H if H in held else CORE if CORE in held else None
 
 
 def plan(points: ReusePoints, later: set[str], held: set[str]) -> PassReuse:
@@ -67,4 +75,6 @@ def plan(points: ReusePoints, later: set[str], held: set[str]) -> PassReuse:
         capture.append((CORE, points.o))
     if H not in held and not later & (points.qkv | {points.o}):
         capture.append((H, points.h))
+    if points.act and ACT not in held and not later & (points.qkv | {points.o} | points.act_deps):
+        capture.append((ACT, points.act))
     return PassReuse(resume_from, tuple(capture))

@@ -7,13 +7,16 @@
 accelerator (one GPU; under DDP each rank holds its share of the cached inputs, everything else in full):
   layer weights     one decoder layer's parameters in the compute dtype (model.dtype), twice: the layer being
                     calibrated and the previous one, compressed and written in the background during it
-                    (a third with eval.rtn: the round-to-nearest copy)
+                    (a third with eval.rtn: the round-to-nearest copy), and one more on a GPU unless
+                    calibration.cache_device is cpu: the next layer, copied there ahead (pipeline/prefetch.py)
   cached inputs     every stream's layer inputs, kept on the accelerator between passes (SampleStore):
                     calibration.num_samples x seq_len x hidden_size x dtype bytes, plus each evaluation stream's
                     windows (quantized, original with eval.before, RTN with eval.rtn) when their number is known
   attention reuse   calibration.reuse_attention (local families, true-sequential, not gptq.asymmetric): the
                     attention half's output of every calibration sample, one more calibration cache, plus one
-                    batch while a pass replaces one such cache by the next (pipeline/attention_reuse.py)
+                    batch while a pass replaces one such cache by the next (pipeline/attention_reuse.py); and,
+                    unless calibration.cache_device is cpu, every calibration token's routed down_proj inputs
+                    (top_k x moe_intermediate_size in the dtype), from the down pass to the propagation
   embedding         a device copy of the embedding during layer 0 (vocab_size x hidden_size)
   Hessians          of the largest true-sequential group: one fp32 C x C matrix per distinct input
                     (an expert's gate/up share one, so E x C x C for the routed experts; q/k/v share one)
@@ -87,6 +90,7 @@ class LayerShape:
     largest_group: str = ""      # a name for the largest group, for the printout
     # per true-sequential group: (its Hessian bytes, its fp32 weight bytes, its buckets as (stacks, rows, cols))
     solve_groups: tuple = ()
+    down_input_token_bytes: int = 0   # the routed experts' down_proj inputs per token (top_k x moe_intermediate)
 
 
 @dataclass(frozen=True)
@@ -130,13 +134,18 @@ def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, b
         cache += -(-eval_windows // devices) * per_eval_window
     tokens = max(batch_size * seq_len, (eval_batch_size * eval_seq_len) if eval_streams else 0)
     activations = tokens * max(s.token_activation_bytes for s in layers) + 2 * tokens * h * b   # + batch in/out
-    device = {"layer weights": (3 if rtn else 2) * weights, "cached inputs": cache,
+    ahead = 1 if gpu and not cache_on_host else 0       # the next layer, copied to the GPU ahead (prefetch.py)
+    device = {"layer weights": (3 if rtn else 2) * weights + ahead * weights, "cached inputs": cache,
               "embedding (layer 0)": shape.embed_bytes, "Hessians": hessians,
               "activations or solve": max(activations, solve_excess)}
     ids = num_samples * seq_len * TOKEN_WINDOW_BYTES * devices + (eval_windows or 0) * eval_seq_len * 8 * devices
     host = {"outside layers": shape.outside_bytes, "layer staging": 2 * weights, "token ids": ids}
     if reuse_attention:
         device["attention reuse cache"] = -(-num_samples // devices) * seq_len * h * b + batch_size * seq_len * h * b
+        if gpu and not cache_on_host:       # the MoE blocks' down inputs, device-only (attention_reuse.py)
+            down_in = max(s.down_input_token_bytes for s in layers)
+            if down_in:
+                device["down-input cache"] = -(-num_samples // devices) * seq_len * down_in
     if cache_on_host and gpu:
         host["cached inputs (pinned)"] = device.pop("cached inputs")
         if reuse_attention:
@@ -224,7 +233,8 @@ def layer_shape(adapter, model, index: int, specs: dict, linears: dict[str, tupl
     group_in = max((sum(shape_of(n)[0] * (expert_of[n].top_k if n in expert_of else 1)
                         for n in {_input_of(n, expert_of): n for n in g}.values()) for g in groups if g), default=0)
     act += max(2 * group_in * b, experts)         # a collect pass's buffered inputs, or the experts
-    return LayerShape(_nbytes(layer.parameters()), hess, fp32_w, act, name, tuple(solve_groups))
+    down_in = sum(blk.top_k * shape_of(blk.expert_linear_names(0)[0])[1] * b for blk in blocks)
+    return LayerShape(_nbytes(layer.parameters()), hess, fp32_w, act, name, tuple(solve_groups), down_in)
 
 
 def _input_of(name: str, expert_of: dict) -> str:

@@ -4,22 +4,42 @@ A lazy model's layer comes from the checkpoint: the read (page faults on the saf
 mmap, the cast, the copy into page-locked memory) is host and disk work that does not need
 the accelerator, so a single background thread does it for layer i+1 while layer i runs its
 passes. At most two layers are in host memory at once (the one being installed and the next).
+
+With `device` (a CUDA device) the thread also copies the layer there, on a stream of its own, and checks it for
+NaN/Inf (`adapter.place_layer`): the copy (~0.85 GB for an OLMoE-1B-7B layer, ~17 ms of the copy engine) and the
+check's host sync then overlap the current layer's kernels instead of opening the next layer with them (the
+layer's "load" phase was 33-50 ms on an H200). It costs one more layer's weights on the device (the walker
+asks for it unless calibration.cache_device is cpu; pipeline/memory_plan.py counts it).
 """
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+
 
 class LayerPrefetcher:
-    def __init__(self, adapter, model, n_layers: int, pin_memory: bool):
+    def __init__(self, adapter, model, n_layers: int, pin_memory: bool, device: torch.device | None = None):
         self.adapter, self.model, self.n, self.pin = adapter, model, n_layers, pin_memory
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         self._pending: dict[int, Future] = {}
+        self.device = torch.device(device) if device is not None else None
+        self._stream = torch.cuda.Stream(self.device) if self.device is not None and self.device.type == "cuda" \
+            else None
 
     def request(self, i: int) -> None:
         """Start reading layer i (no-op past the last layer or if already asked)."""
         if 0 <= i < self.n and i not in self._pending:
-            self._pending[i] = self._pool.submit(self.adapter.read_layer, self.model, i, self.pin)
+            self._pending[i] = self._pool.submit(self._read, i)
+
+    def _read(self, i: int):
+        tensors = self.adapter.read_layer(self.model, i, self.pin)
+        if self._stream is None or tensors is None:
+            return tensors
+        with torch.cuda.stream(self._stream):
+            placed = self.adapter.place_layer(self.model, tensors, self.device)
+        self._stream.synchronize()          # the copies are done before the main stream reads them
+        return placed
 
     def take(self, i: int):
         """Layer i's host tensors (None for an eager model); waits for the read, re-raises its error.

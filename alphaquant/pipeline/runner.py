@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from alphaquant.pipeline.attention_reuse import PassReuse
+from alphaquant.pipeline.attention_reuse import ACT, H, PassReuse
 from alphaquant.pipeline.stores import SampleStore
 
 
@@ -64,7 +64,7 @@ class LayerRunner(L.LightningModule):
         for cache, module in plan.reuse.capture:
             # prepended: runs before a collector pre-hook on the same module that stops the forward there
             self._capture_handles.append(block.get_submodule(module).register_forward_pre_hook(
-                self._capturer(cache), prepend=True))
+                self._capturer(cache), prepend=True, with_kwargs=True))
 
     def end_pass(self) -> None:
         """Remove the pass's capture hooks (the walker calls this after each trainer.predict)."""
@@ -73,9 +73,15 @@ class LayerRunner(L.LightningModule):
         self._capture_handles = []
 
     def _capturer(self, cache: str):
-        def pre(_mod, args):
-            self.stores[cache].put(self._idx, args[0])
+        def pre(_mod, args, kwargs):
+            if cache == ACT:        # expert_act(h, route=...): the down inputs and the routing that sorted them
+                if kwargs.get("route") is None:
+                    return None     # not the grouped path's call: nothing captured, the cache stays incomplete
+                self.stores[cache].put(self._idx, args[0], kwargs["route"])
+            else:
+                self.stores[cache].put(self._idx, args[0])
             self.captured.setdefault(cache, set()).update(self._idx.tolist())
+            return None
         return pre
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -91,7 +97,10 @@ class LayerRunner(L.LightningModule):
         self._idx = idx
         self.seen.update(idx.tolist())                            # one call, not an item() per sample
         reuse = self.plan.reuse
-        if reuse.resume == "mlp":           # h = x + attn(norm(x)) from an earlier pass: the layer input is not read
+        if reuse.resume == "down":          # h and the MoE block's down inputs from an earlier pass
+            hidden = self.stores[H].get(idx, self.device)
+            kwargs = {"resume": "down", "resume_input": self.stores[ACT].pop(idx)}
+        elif reuse.resume == "mlp":         # h = x + attn(norm(x)) from an earlier pass: the layer input is not read
             hidden = self.stores[reuse.resume_from].get(idx, self.device)
             kwargs = {"resume": "mlp"}
         else:

@@ -85,3 +85,22 @@ class SampleStore:
     def cached_devices(self) -> set[torch.device]:
         """Devices the cached hidden states are on (diagnostics and tests)."""
         return {h.device for h in self.hidden.values()}
+
+
+class BatchStore:
+    """Per-batch values (the routed experts' down inputs and their routing, attention_reuse.ACT) kept between two
+    passes of one layer that batch the samples alike: `put` under a batch's sample indices, `pop` them back
+    once (the memory goes with it). A batch it does not hold is a RuntimeError (batches are fixed across passes)."""
+
+    def __init__(self):
+        self.batches: dict[tuple[int, ...], tuple] = {}
+
+    def put(self, idx: torch.Tensor, *values) -> None:
+        self.batches[tuple(idx.tolist())] = values
+
+    def pop(self, idx: torch.Tensor) -> tuple:
+        key = tuple(idx.tolist())
+        if key not in self.batches:
+            raise RuntimeError("attention reuse: the down-input cache was read for a batch it does not hold "
+                               "(batches must stay fixed across the passes of a layer)")
+        return self.batches.pop(key)

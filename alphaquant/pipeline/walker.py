@@ -19,6 +19,7 @@ holds only the block of the moment, so only that block moves to the accelerator.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
@@ -27,13 +28,13 @@ import torch
 
 from alphaquant.export.writer import LayerCompressor
 from alphaquant.pipeline.activations import activation_hooks
-from alphaquant.pipeline.attention_reuse import CORE as CACHE_CORE, H as CACHE_H, PassReuse, plan as reuse_plan, \
-    start_from as reuse_start
+from alphaquant.pipeline.attention_reuse import ACT as CACHE_ACT, CORE as CACHE_CORE, H as CACHE_H, PassReuse, \
+    plan as reuse_plan, start_from as reuse_start
 from alphaquant.pipeline.layer_sink import LayerSink
 from alphaquant.pipeline.prefetch import LayerPrefetcher
 from alphaquant.pipeline.runner import LayerRunner, PassPlan
 from alphaquant.config.recipe import build_format
-from alphaquant.pipeline.stores import SampleStore
+from alphaquant.pipeline.stores import BatchStore, SampleStore
 
 
 @dataclass
@@ -116,7 +117,10 @@ class LayerWalker:
             self.runner.stores["calib_fp"] = SampleStore(self.dm.windows["calib"], device_embed, self.opts.cache_device)
         n = self.adapter.num_layers(self.model)
         done = self.resume.layers_done if self.resume is not None else 0
-        self.prefetch = LayerPrefetcher(self.adapter, self.model, n, pin_memory=self.device.type == "cuda")
+        on_gpu = self.device.type == "cuda"
+        # the next layer is also copied to the GPU ahead unless the run keeps its memory low (cache_device cpu)
+        self.prefetch = LayerPrefetcher(self.adapter, self.model, n, pin_memory=on_gpu,
+                                        device=self.device if on_gpu and self.opts.cache_device is None else None)
         resume_writer = self.resume if self.resume is not None and self.resume.writer else None
         compresses = self.writer is not None and self.writer.stores_quantized
         compressor = self.writer if compresses else LayerCompressor(self.specs, self.solver.records, embed.weight.dtype)
@@ -178,13 +182,14 @@ class LayerWalker:
             stats.restored = True
         else:
             groups = self._groups(i, layer)
-            points = self._reuse_points(layer)
+            points = self._reuse_points(layer, last)
             for g, group in enumerate(groups):
                 reuse = PassReuse()
                 if points is not None:
                     reuse = reuse_plan(points, {n for grp in groups[g:] for n in grp}, self._held)
                     for cache, _module in reuse.capture:
-                        self.runner.stores[cache] = SampleStore(self.dm.windows["calib"], _cache_miss, self.opts.cache_device)
+                        self.runner.stores[cache] = BatchStore() if cache == CACHE_ACT else SampleStore(
+                            self.dm.windows["calib"], _cache_miss, self.opts.cache_device)
                 self._predict(layer, "collect", "calib", stats, layer_index=i, group_index=g, group=group,
                               reuse=reuse, **fp)
                 self._keep_complete(reuse)
@@ -216,12 +221,16 @@ class LayerWalker:
             self.on_layer_end(i, stats)
 
     # -- attention reuse (pipeline/attention_reuse.py) -----------------------------------------------
-    def _reuse_points(self, layer):
+    def _reuse_points(self, layer, last=False):
         """The layer's resume points when its passes may reuse the attention half's output, else None (the
-        previous layer's caches were dropped after its propagation)."""
+        previous layer's caches were dropped after its propagation). The down-input cache serves only the
+        propagation: not for the last layer (none), nor with calibration.cache_device cpu (it is device-only)."""
         if not self.opts.reuse_attention or self.opts.asymmetric:
             return None
-        return self.adapter.attention_reuse(layer)
+        points = self.adapter.attention_reuse(layer)
+        if points is not None and (last or self.opts.cache_device is not None):
+            points = dataclasses.replace(points, act=None, act_deps=frozenset())
+        return points
 
     def _keep_complete(self, reuse: PassReuse) -> None:
         """Caches this pass filled for every sample it ran become usable; an incomplete one is dropped (the
@@ -236,7 +245,7 @@ class LayerWalker:
             self.runner.stores.pop(reuse.supersedes, None)
 
     def _drop_caches(self) -> None:
-        for cache in (CACHE_CORE, CACHE_H):
+        for cache in (CACHE_CORE, CACHE_H, CACHE_ACT):
             self.runner.stores.pop(cache, None)
         self._held = set()
 

@@ -43,7 +43,14 @@ class DecoderLayer(nn.Module):
         """resume (calibration's attention reuse, alphaquant/pipeline/attention_reuse.py) starts part-way, from
         what an earlier forward of the same weights computed, with the same ops after that point:
         "o_proj": resume_input is self_attn.o_proj's input (B, S, heads x head_dim), hidden_states the layer input;
-        "mlp": hidden_states is already h = x + attn(norm(x)), the input of post_attention_layernorm."""
+        "mlp": hidden_states is already h = x + attn(norm(x)), the input of post_attention_layernorm;
+        "down": hidden_states is h and resume_input (act, route) what the MoE block's `expert_act` received (its
+        routed experts' down_proj inputs and their ExpertRoute): the block continues from its down matmul."""
+        if resume == "down":
+            block = self.mlp_block
+            out = block.from_down_inputs(*resume_input, lambda: self.post_attention_layernorm(hidden_states).reshape(
+                -1, hidden_states.shape[-1]))
+            return hidden_states + out.reshape(hidden_states.shape)
         if resume == "mlp":
             h = hidden_states
         elif resume == "o_proj":
@@ -51,7 +58,7 @@ class DecoderLayer(nn.Module):
         elif resume is None:
             h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask)
         else:
-            raise ValueError(f"resume must be None, 'o_proj' or 'mlp', got {resume!r}")
+            raise ValueError(f"resume must be None, 'o_proj', 'mlp' or 'down', got {resume!r}")
         return h + self.mlp_block(self.post_attention_layernorm(h))
 
 

@@ -76,9 +76,11 @@ class TopKRouter(nn.Module):
 
 
 class ExpertActivations(nn.Module):
-    """The routed experts' down_proj inputs [T*k, I] on the grouped path, returned unchanged (a hook point)."""
+    """The routed experts' down_proj inputs [T*k, I] on the grouped path, returned unchanged (a hook point).
+    `route` (keyword: a plain forward hook sees only h) is the ExpertRoute that sorted them, for hooks that keep
+    both (calibration's reuse of the down inputs, alphaquant/pipeline/attention_reuse.py)."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, route: "ExpertRoute | None" = None) -> torch.Tensor:
         return h
 
 
@@ -326,12 +328,25 @@ class SparseMoeBlock(nn.Module):
         else:
             self.last_experts_impl = "loop"
             out = route.combine(self._experts_loop(x, route))
+        return self._plus_shared(out, x).reshape(shape)
+
+    def _plus_shared(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts' combined output [T, H] plus the shared expert's on x [T, H] (if the block has one)."""
         if self.shared_attr:
             shared = getattr(self, self.shared_attr)(x)  # (T, H)
             if hasattr(self, "shared_expert_gate"):
                 shared = self.shared_gate_act(self.shared_expert_gate(x)) * shared
             out = out + shared
-        return out.reshape(shape)
+        return out
+
+    def from_down_inputs(self, act: torch.Tensor, route: ExpertRoute, x_fn) -> torch.Tensor:
+        """The block's output [T, H] from the routed experts' down_proj inputs `act` [T*k, I] and the `route` an
+        earlier forward of the same weights sorted them by (what `expert_act` received): the grouped path's down
+        matmul, weights and combine on those values, so the same bits as that forward's rest. x_fn() gives the
+        block's input [T, H], asked for only by a shared expert."""
+        offs = route.ends.to(torch.int32)
+        out = route.combine_weighted(_grouped_mm_fn()(act, self._stacked(self.experts[0].names[2]), offs=offs))
+        return self._plus_shared(out, x_fn()) if self.shared_attr else out
 
     def _experts_loop(self, x: torch.Tensor, route: ExpertRoute) -> torch.Tensor:
         """Each expert module on its tokens -> (T*k, H) weighted outputs, rows sorted by expert."""
@@ -377,7 +392,7 @@ class SparseMoeBlock(nn.Module):
         """
         mm = _grouped_mm_fn()
         offs = route.ends.to(torch.int32)                                                 # [E] cumulative counts
-        h = self.expert_act(self.down_inputs(x, route, offs))                             # (T*k, I)
+        h = self.expert_act(self.down_inputs(x, route, offs), route=route)                # (T*k, I)
         # the routing weights are applied by combine_weighted: in the promoted dtype (fp32 for Mixtral's) and
         # rounded once to x's, as the loop's (y * w).to(x.dtype)
         return mm(h, self._stacked(self.experts[0].names[2]), offs=offs)                  # (T*k, H)
