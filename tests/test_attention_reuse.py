@@ -110,9 +110,8 @@ def test_same_bits_as_recomputing_on_gpu(models_dir, monkeypatch, family):
     calls.clear()
     on = _run(root, corpus, ckpts[family], f"{family}_gpu_on", True, gpu=True)
     assert calls.count("down") >= 2 and calls.count("o_proj") >= 2
-    for n in off[0]:
-        assert torch.equal(off[0][n], on[0][n]), n
-    assert off[1] == on[1] and off[2] == on[2]
+    # a lazy run's layers are freed after their write (meta): every module's loss and error, bit for bit, instead
+    assert off[1] and off[1] == on[1] and off[2] == on[2]
 
 
 def test_incomplete_cache_is_not_used(models_dir, monkeypatch):

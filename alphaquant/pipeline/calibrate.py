@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from alphaquant.pipeline.accelerator import release_cached_memory
 from alphaquant.pipeline.datamodule import WindowDataModule
-from alphaquant.pipeline.plots import log_plots, preload_pyplot, save_plots
+from alphaquant.pipeline.plots import PlotWorker, log_plots, preload_pyplot, save_plots
 from alphaquant.pipeline.progress import LayerProgress
 from alphaquant.pipeline.report import expert_token_table, layer_error_table
 from alphaquant.pipeline.trainer import build_loggers, build_trainer, quiet_lightning
@@ -49,9 +49,14 @@ def build_and_walk(session, writer_factory) -> dict:
     label = getattr(session, "progress_label", None) or f"quantize: {cfg.calibration.hessian} Hessians"
     progress = LayerProgress(n_layers, enabled=rank0, label=label)
 
+    plotter = []                  # a GPU run's PlotWorker (plots.py), started after the first layer
+
     def on_layer_end(i, stats):
-        if draws and i == 0:      # matplotlib's one-time costs in a thread, after the first layer's own warm-up
-            preload_pyplot()
+        if draws and i == 0:      # matplotlib's one-time costs, after the first layer's own warm-up: in a child
+            if trainer.strategy.root_device.type == "cuda":     # process beside a GPU walk, else in a thread
+                plotter.append(PlotWorker())
+            else:
+                preload_pyplot()
         rows = layer_error_table({k: r for k, r in solver.records.items()}, [stats])
         progress.layer_done(i, stats, mean_error=rows[0]["mean_rel_error"])
         for lg in loggers:
@@ -66,7 +71,7 @@ def build_and_walk(session, writer_factory) -> dict:
     t0 = time.perf_counter()
     stages = session.stage_seconds
     stages["setup"] = t0 - t_setup       # trainer, loggers, resume fingerprint
-    with (_atomic(out, cfg.output.overwrite)) as tmp, progress, _clear_on_user_error(resume):
+    with (_atomic(out, cfg.output.overwrite)) as tmp, progress, _clear_on_user_error(resume), _closing(plotter):
         writer = writer_factory(tmp, solver.records) if tmp is not None else None
         walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
@@ -95,7 +100,8 @@ def build_and_walk(session, writer_factory) -> dict:
             # the last shard is written while the plots are drawn (disk vs. matplotlib)
             tensors = pool.submit(writer.finish_tensors) if writer is not None else None
             if rank0 and plots_dir(session, tmp) is not None:
-                drawn = save_plots(results, plots_dir(session, tmp))
+                directory = plots_dir(session, tmp)
+                drawn = plotter[0].draw(results, directory) if plotter else save_plots(results, directory)
                 log_plots(loggers, {k: str(v) for k, v in drawn.items()})
                 # the summary names where the plots will be once the temporary directory is renamed into place
                 results["plots"] = {k: str(out / v.relative_to(tmp)) if tmp is not None else str(v)
@@ -119,6 +125,16 @@ def build_and_walk(session, writer_factory) -> dict:
     # after the summary file was written, so only the returned results and the run's log carry it
     stages["cleanup"] = time.perf_counter() - t1
     return results
+
+
+@contextlib.contextmanager
+def _closing(workers):
+    """End the run's plot worker however the walk ends (a failed run leaves no child process behind)."""
+    try:
+        yield
+    finally:
+        for w in workers:
+            w.close()
 
 
 def _resume_state(session, rank0, writes):

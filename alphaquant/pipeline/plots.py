@@ -1,9 +1,19 @@
 """PNG plots of a run: relative output error per layer and tokens per expert.
 
 Written next to the checkpoint (plots/) and logged as images to W&B when it is on.
+
+On a GPU run they are drawn by `PlotWorker`, a child Python process started after the first layer: matplotlib's
+import and first figure (~1 s) and the drawing itself (~0.2-0.4 s of pure Python) then run on another core
+instead of sharing the GIL with the layer walk and with the last shard's write at the end (in a thread, the
+import stalled the walk's second layer by ~0.3 s and the drawing took 0.5-1.1 s beside the write on an H200
+host). This file is the child's program too (`python plots.py --serve`: it imports matplotlib and nothing of
+alphaquant). CPU runs draw in-process (a thread warms pyplot up after the first layer).
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -33,18 +43,82 @@ _PRELOAD: threading.Thread | None = None     # pyplot is not thread-safe: save_p
 
 
 def _warm_quietly():
-    import io
     try:
-        plt = _import_pyplot()
-        fig, ax = plt.subplots(figsize=(2, 1.5))
-        im = ax.imshow([[0, 1], [2, 3]], aspect="auto", cmap="viridis")
-        ax.set(xlabel="x", ylabel="y", title="t")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(io.BytesIO(), format="png", dpi=30)
-        plt.close(fig)
+        _warm_figure()
     except Exception:   # noqa: BLE001 - save_plots imports again and reports it where the plots are drawn
         pass
+
+
+def _warm_figure():
+    import io
+    plt = _import_pyplot()
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    im = ax.imshow([[0, 1], [2, 3]], aspect="auto", cmap="viridis")
+    ax.set(xlabel="x", ylabel="y", title="t")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(io.BytesIO(), format="png", dpi=30)
+    plt.close(fig)
+
+
+class PlotWorker:
+    """save_plots in a child process (see the module docstring). `draw` falls back to drawing in this process
+    when the child cannot be started or fails, so the plots are never lost to it; `close` ends the child."""
+
+    TIMEOUT_S = 120.0
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        try:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         text=True)
+        except OSError:
+            self.proc = None
+
+    def draw(self, results: dict, directory: Path) -> dict[str, Path]:
+        if self.proc is not None:
+            try:
+                return self._draw_in_child(results, directory)
+            except (OSError, ValueError, KeyError, subprocess.TimeoutExpired):
+                pass
+            finally:
+                self.close()
+        return save_plots(results, directory)
+
+    def _draw_in_child(self, results: dict, directory: Path) -> dict[str, Path]:
+        request = {"results": {"layers": results["layers"], "experts": results["experts"]},
+                   "directory": str(directory)}
+        out, _ = self.proc.communicate(json.dumps(request) + "\n", timeout=self.TIMEOUT_S)
+        reply = json.loads(out.strip().splitlines()[-1]) if out and out.strip() else {}
+        if self.proc.returncode != 0 or "paths" not in reply:
+            raise ValueError(reply.get("error", f"plot worker exited with {self.proc.returncode}"))
+        return {k: Path(v) for k, v in reply["paths"].items()}
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def _serve() -> int:
+    """The child: warm matplotlib up, then draw the one request read from stdin; the paths as one JSON line."""
+    try:
+        _warm_figure()
+    except Exception:   # noqa: BLE001 - reported with the request below
+        pass
+    line = sys.stdin.readline()
+    if not line:
+        return 0            # the parent went away (or closed it): nothing to draw
+    try:
+        req = json.loads(line)
+        paths = save_plots(req["results"], Path(req["directory"]))
+        print(json.dumps({"paths": {k: str(v) for k, v in paths.items()}}), flush=True)
+        return 0
+    except Exception as e:   # noqa: BLE001 - the parent draws in-process instead
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return 1
 
 
 def save_plots(results: dict, directory: Path) -> dict[str, Path]:
@@ -87,3 +161,7 @@ def log_plots(loggers, paths: dict[str, Path]) -> None:
         if hasattr(lg, "log_image"):                       # WandbLogger
             for key, path in paths.items():
                 lg.log_image(key=f"plots/{key}", images=[str(path)])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    sys.exit(_serve())

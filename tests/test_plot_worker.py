@@ -1,0 +1,47 @@
+"""PlotWorker (alphaquant/pipeline/plots.py): the plots drawn in a child process are the files save_plots draws in
+this one (same PNG bytes), a child that fails or cannot start falls back to drawing here, and close ends it."""
+import random
+import subprocess
+
+from alphaquant.pipeline import plots
+
+
+def _results():
+    rnd = random.Random(0)
+    return {"layers": [{"layer": i, "mean_rel_error": rnd.random(), "max_rel_error": rnd.random()} for i in range(4)],
+            "experts": [{"block": f"model.layers.{i}.mlp", "counts": [rnd.randint(0, 99) for _ in range(8)]}
+                        for i in range(4)],
+            "other": object()}          # not JSON: only layers and experts go to the child
+
+
+def test_the_child_draws_the_same_files(tmp_path):
+    w = plots.PlotWorker()
+    assert w.proc is not None
+    got = w.draw(_results(), tmp_path / "child")
+    assert w.proc is None                                  # ended after its one request
+    ref = plots.save_plots(_results(), tmp_path / "here")
+    assert set(got) == set(ref) == {"layer_error", "tokens_per_expert"}
+    for k in ref:
+        assert got[k] == tmp_path / "child" / ref[k].name and got[k].read_bytes() == ref[k].read_bytes()
+
+
+def test_a_failing_child_falls_back_to_drawing_here(tmp_path, monkeypatch):
+    w = plots.PlotWorker()
+    w.proc.kill()
+    w.proc.wait()                                          # died before the request
+    got = w.draw(_results(), tmp_path / "p")
+    assert set(got) == {"layer_error", "tokens_per_expert"} and all(p.is_file() for p in got.values())
+
+    def no_python(*a, **k):
+        raise OSError("no interpreter")
+    monkeypatch.setattr(subprocess, "Popen", no_python)
+    w = plots.PlotWorker()
+    assert w.proc is None
+    assert set(w.draw(_results(), tmp_path / "q")) == {"layer_error", "tokens_per_expert"}
+
+
+def test_close_ends_a_waiting_child():
+    w = plots.PlotWorker()
+    proc = w.proc
+    w.close()
+    assert proc.poll() is not None and w.proc is None
