@@ -23,6 +23,13 @@ def test_warmup_draws_no_random_numbers_and_solves_the_default_format(tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_the_kernels_are_warmed_at_the_models_widths(tmp_path):
+    cfg = load_config(_cfg(tmp_path), [])
+    assert warmup._widths(cfg) == (tiny.BASE["hidden_size"], tiny.FAMILIES["olmoe"]["num_experts_per_tok"])
+    cfg.model.path = str(tmp_path / "nowhere")
+    assert warmup._widths(cfg) == (256, 2)
+
+
 def test_no_warmup_on_the_cpu_or_for_a_kept_default(tmp_path):
     cfg = load_config(_cfg(tmp_path), [])
     assert warmup.start_warmup(cfg) is None             # trainer.accelerator: cpu

@@ -78,6 +78,14 @@ def _warm(device, fmt, cfg) -> None:
     if gmm is not None:
         gmm(x, ramp(2, 256, 256).to(dtype).transpose(-2, -1), offs=torch.tensor([128, 256], device=device,
                                                                                dtype=torch.int32))
+    # the decoder layer's Triton kernels (models/common/kernels.py) at the model's own widths: Triton compiles (or
+    # loads) one program per block size and top-k, so a tiny width would warm a program the run never uses
+    from alphaquant.models.common import kernels
+    hidden, top_k = _widths(cfg)
+    h = ramp(4, hidden).to(dtype)
+    kernels.rms_norm(h, ramp(hidden).to(dtype), 1e-6)
+    rows = torch.arange(4 * top_k, device=device).reshape(4, top_k)
+    kernels.weighted_combine(ramp(4 * top_k, hidden).to(dtype), ramp(4 * top_k).to(dtype), rows)
     # Hessians: half-precision products with float32 output, the routing-weighted split (a Triton kernel)
     from alphaquant.gptq.hessian import HessianState
     state = HessianState.zeros(256, device=device)
@@ -92,6 +100,18 @@ def _warm(device, fmt, cfg) -> None:
     W = ramp(2, 16, 256)
     # cuda_graph off: capturing a graph here would forbid the main thread's CUDA calls meanwhile
     gptq_quantize(W, H, fmt, **solver_options(cfg.gptq), cuda_graph=False)
+
+
+def _widths(cfg) -> tuple[int, int]:
+    """(hidden_size, experts per token) from the model directory's config.json; (256, 2) when it says nothing."""
+    import json
+    from pathlib import Path
+    try:
+        c = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        c = c.get("text_config", c)
+        return int(c.get("hidden_size", 256)), int(c.get("num_experts_per_tok", c.get("top_k", 2)) or 2)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 256, 2
 
 
 def join_warmup(thread: threading.Thread | None) -> None:
