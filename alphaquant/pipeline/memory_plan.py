@@ -55,7 +55,7 @@ caching allocator keeps freed solve temporaries). The solve now makes 3 per expe
 measures the drop on CPU: an 8-expert bucket's solve peak 51 -> 25 Hessian sizes, 5 with gptq.expert_chunk 1);
 the same Mixtral run now estimates 42.7 GiB, 18.5 GiB with gptq.expert_chunk 1 and calibration.cache_device
 cpu. Measured since on an H200 (README, bench/results/e2e_*): OLMoE-1B-7B at batch 64 12.8 GiB (13.3 with
-calibration.reuse_attention); Mixtral-8x7B's 2-layer cut at batch 16 37.3 GiB with the defaults (expert_chunk
+calibration.reuse_attention; 16.1 with its down-input cache and the next layer copied ahead, e2e_olmoe_s11_*); Mixtral-8x7B's 2-layer cut at batch 16 37.3 GiB with the defaults (expert_chunk
 auto with the whole GPU free), 18.2 GiB with expert_chunk 1 and cache_device cpu under a 22 GiB cap, 21.4 GiB with
 auto and cache_device cpu under a 24 GiB cap (auto fills what it is allowed). Host memory is under-estimated by the runtime, pinned-memory pools and the
 CUDA context (OLMoE: 2.0 GiB estimated, 5.9 measured).
