@@ -213,29 +213,25 @@ def per_layer(r: dict, layers: int) -> dict:
     return out
 
 
+def _ms_table(title: str, rows: dict) -> None:
+    print(f"\n| {title} | ms |\n|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.1f} |")
+
+
 def print_report(r: dict) -> None:
     print(f"timeline {r['span_s']:.2f} s: GPU busy {r['gpu_busy_s']:.2f} s, idle {r['gpu_idle_s']:.2f} s")
     print("\n| layer | pass | host wall (ms) | GPU kernels (ms) | GPU idle in pass (ms) | kernels |\n|---|---|---|---|---|---|")
     for p in r["passes"]:
         print(f"| {p['layer']} | {p['pass']} | {p['wall_ms']:.1f} | {p['gpu_ms']:.1f} | {p['gpu_idle_ms']:.1f} | {p['kernels']} |")
-    print("\n| GPU idle while the main thread ran | ms |\n|---|---|")
-    for k, v in r["idle_by_host_op_ms"].items():
-        print(f"| {k} | {v:.1f} |")
-    print("\n| GPU idle by pass kind | ms |\n|---|---|")
-    for k, v in r["idle_by_pass_ms"].items():
-        print(f"| {k} | {v:.1f} |")
-    print("\n| GPU idle by innermost range on the main thread | ms |\n|---|---|")
-    for k, v in r["idle_by_range_ms"].items():
-        print(f"| {k} | {v:.1f} |")
+    _ms_table("GPU idle while the main thread ran", r["idle_by_host_op_ms"])
+    _ms_table("GPU idle by pass kind", r["idle_by_pass_ms"])
+    _ms_table("GPU idle by innermost range on the main thread", r["idle_by_range_ms"])
     print("\n| largest GPU idle stretches: at (s) | ms | ranges the main thread was in |\n|---|---|---|")
     for g in r["largest_gaps"]:
         print(f"| {g['at_s']:.3f} | {g['ms']:.1f} | {' > '.join(g['ranges'])} |")
-    print("\n| GPU kernel time by the innermost range that launched it | ms |\n|---|---|")
-    for k, v in r["gpu_by_range_ms"].items():
-        print(f"| {k} | {v:.1f} |")
-    print("\n| GPU kernel time by range / outermost host op at the launch | ms |\n|---|---|")
-    for k, v in r["gpu_by_site_ms"].items():
-        print(f"| {k} | {v:.1f} |")
+    _ms_table("GPU kernel time by the innermost range that launched it", r["gpu_by_range_ms"])
+    _ms_table("GPU kernel time by range / outermost host op at the launch", r["gpu_by_site_ms"])
     print("\n| kernel | GPU ms | count |\n|---|---|---|")
     for k in r["kernels_ms"]:
         print(f"| {k['kernel']} | {k['ms']:.1f} | {k['count']} |")
