@@ -134,3 +134,27 @@ def test_incomplete_cache_is_not_used(models_dir, monkeypatch):
     assert set(calls) == {None}
     for n in ref[0]:
         assert torch.equal(ref[0][n], got[0][n]), n
+
+
+def test_the_down_input_cache_is_left_out_where_it_would_crowd_the_gpu(models_dir, monkeypatch):
+    """On a GPU the down inputs are cached only when they take at most ACT_MAX_SHARE of its memory (checked here
+    with a stand-in device and layer; on the CPU the rule does not apply)."""
+    from types import SimpleNamespace
+    from alphaquant.pipeline import walker as W
+    from alphaquant.pipeline.attention_reuse import ReusePoints
+    block = SimpleNamespace(top_k=2, experts=[SimpleNamespace(names=("g", "u", "d"), _modules={
+        "g": SimpleNamespace(out_features=32, weight=torch.zeros(1, dtype=torch.bfloat16))})])
+    layer = SimpleNamespace(get_submodule=lambda name: block)
+    points = ReusePoints(qkv=frozenset(), o="o", h="h", act="mlp.expert_act")
+    w = W.LayerWalker.__new__(W.LayerWalker)
+    w.dm = SimpleNamespace(windows={"calib": torch.zeros(8, 64, dtype=torch.long)})       # 512 tokens
+    w.trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    need = 512 * 2 * 32 * 2                                                                 # 64 KiB
+    for total, fits in ((4 * need, True), (4 * need - 1, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, t=total: SimpleNamespace(total_memory=t))
+        assert w._act_fits(layer, points) is fits
+    w.trainer.world_size = 2                                                                # half the tokens per rank
+    assert w._act_fits(layer, points)
+    w.trainer.strategy.root_device = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=0))
+    assert w._act_fits(layer, points)

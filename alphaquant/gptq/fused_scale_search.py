@@ -350,7 +350,7 @@ def search(fmt, w: torch.Tensor, col_weight: torch.Tensor | None = None, *, grid
         cw, (s_a, s_b, s_c) = wc, (0, 0, 0)
     consts = _format_constants(fmt)
     consts["NLEV"] = _mx_levels(grid, max_shrink) if consts["FAMILY"] == 1 else 0
-    consts["FAST_LOG2"] = FAST_LOG2 and not INTERPRETED
+    consts["FAST_LOG2"] = FAST_LOG2 and not INTERPRETED and torch.version.hip is None    # inline PTX: NVIDIA only
     S = torch.empty(NG, dtype=torch.float32, device=dev)
     IDX = torch.empty(NG, dtype=torch.int32, device=dev)
     Z = torch.empty(NG, dtype=torch.float32, device=dev) if consts["HAS_ZERO"] else S

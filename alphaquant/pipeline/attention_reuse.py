@@ -14,7 +14,8 @@ can start from what an earlier one computed there instead of recomputing it:
 "core" and "h" cost one calibration cache more (num_samples x seq_len x hidden on the device, or in pinned host
 memory with calibration.cache_device cpu); "act" holds each batch's routed down_proj inputs (top_k x
 moe_intermediate per token: 4 calibration caches for OLMoE-1B-7B) with their routing, on the device only (not with
-calibration.cache_device cpu), and saves the propagation its norm, router, gate/up matmuls and activation.
+calibration.cache_device cpu; nor where it would take more than walker.ACT_MAX_SHARE of the GPU's memory), and
+saves the propagation its norm, router, gate/up matmuls and activation.
 `calibration.reuse_attention: false` turns all of it off. Only for layers whose forward can resume part-way
 (`ArchAdapter.attention_reuse`: the local families), with true-sequential groups, not with gptq.asymmetric (its fp
 copy of the layer runs whole) nor on layers replayed from a resume state. Each pass must hand every calibration
