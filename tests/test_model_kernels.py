@@ -66,6 +66,12 @@ def test_eager_fallbacks_on_cpu():
     x = torch.randn(4, 8).to(torch.bfloat16)
     w = torch.ones(8, dtype=torch.bfloat16)
     assert not kernels.enabled(x)
+    if torch.cuda.is_available():      # autograd through the weight keeps the eager ops
+        w = torch.ones(8, device="cuda", requires_grad=True)
+        with torch.enable_grad():
+            assert not kernels.enabled(x.cuda(), w)
+        with torch.no_grad():
+            assert kernels.enabled(x.cuda(), w) == (kernels.triton is not None)
     assert torch.equal(kernels.rms_norm(x, w, 1e-6), kernels.rms_norm_eager(x, w, 1e-6))
     rows = _route_rows(4, 2, 3, torch.Generator().manual_seed(0))
     y, wr = torch.randn(8, 8).to(torch.bfloat16), torch.rand(8)

@@ -39,10 +39,11 @@ MAX_ROW = 65536
 """Longest row rms_norm holds in one program."""
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """The model's dispatch: a CUDA half-precision tensor with no autograd graph wanted, and Triton."""
+def enabled(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """The model's dispatch: a CUDA half-precision tensor, Triton, and no autograd graph wanted through x or the
+    op's parameters (the kernels have no backward)."""
     return (FUSED and triton is not None and x.is_cuda and x.dtype in HALF
-            and not (torch.is_grad_enabled() and x.requires_grad))
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))))
 
 
 def _runs_on(x: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, cast back before the weight, as the reference implementations do (bf16 parity);
         # on CUDA one kernel for the chain (models/common/kernels.py: within one ulp of it)
-        if kernels.enabled(x):
+        if kernels.enabled(x, self.weight):
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.rms_norm_eager(x, self.weight, self.eps)
 
