@@ -45,3 +45,32 @@ def test_close_ends_a_waiting_child():
     proc = w.proc
     w.close()
     assert proc.poll() is not None and w.proc is None
+
+
+def test_the_child_exits_when_the_run_is_killed(tmp_path):
+    """A run killed outright (SIGKILL: no cleanup) closes the child's stdin; the child then exits by itself."""
+    import os
+    import signal
+    import sys
+    import time
+    parent = subprocess.Popen([sys.executable, "-c", "import time\nfrom alphaquant.pipeline.plots import PlotWorker\n"
+                               "w = PlotWorker()\nprint(w.proc.pid, flush=True)\ntime.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return                                       # gone (reaped by init)
+        try:
+            with open(f"/proc/{child}/stat") as f:       # a zombie has exited too
+                if f.read().split(") ")[-1].startswith("Z"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the plot worker outlived its killed parent")
