@@ -142,7 +142,7 @@ def estimate_peak_memory(shape: ModelShape, *, num_samples: int, seq_len: int, b
     host = {"outside layers": shape.outside_bytes, "layer staging": 2 * weights, "token ids": ids}
     if reuse_attention:
         device["attention reuse cache"] = -(-num_samples // devices) * seq_len * h * b + batch_size * seq_len * h * b
-        if gpu and not cache_on_host:       # the MoE blocks' down inputs, device-only (attention_reuse.py)
+        if not cache_on_host:               # the MoE blocks' down inputs, where the layer runs (attention_reuse.py)
             down_in = max(s.down_input_token_bytes for s in layers)
             if down_in:
                 device["down-input cache"] = -(-num_samples // devices) * seq_len * down_in
