@@ -164,4 +164,6 @@ def log_plots(loggers, paths: dict[str, Path]) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)     # run as a script: this package's modules (signals, session, ...) must not shadow others
     sys.exit(_serve())
