@@ -54,6 +54,18 @@ def test_with_a_device_the_next_layer_is_placed_on_the_threads_own_stream():
     assert ad.calls[-1][3] != str(torch.cuda.current_stream(0))     # not the main thread's stream
 
 
+def test_no_room_for_the_copy_ahead_leaves_the_host_tensors_for_install():
+    class _Full(_Adapter):
+        def place_layer(self, model, tensors, device):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    pf = LayerPrefetcher(_Full(), model=None, n_layers=2, pin_memory=False, device=torch.device("cpu"))
+    try:
+        pf.request(1)
+        assert pf.take(1) == {"layer": 1}
+    finally:
+        pf.close()
+
+
 def test_without_a_device_nothing_is_placed_ahead():
     ad = _Placing()
     pf = LayerPrefetcher(ad, model=None, n_layers=2, pin_memory=False)

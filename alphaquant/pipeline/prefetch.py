@@ -34,12 +34,19 @@ class LayerPrefetcher:
 
     def _read(self, i: int):
         tensors = self.adapter.read_layer(self.model, i, self.pin)
-        if self._stream is None or tensors is None:
+        if self.device is None or tensors is None:
             return tensors
-        with torch.cuda.stream(self._stream):
-            placed = self.adapter.place_layer(self.model, tensors, self.device)
-        self._stream.synchronize()          # the copies are done before the main stream reads them
-        return placed
+        try:
+            if self._stream is None:
+                return self.adapter.place_layer(self.model, tensors, self.device)
+            with torch.cuda.stream(self._stream):
+                placed = self.adapter.place_layer(self.model, tensors, self.device)
+            self._stream.synchronize()      # the copies are done before the main stream reads them
+            return placed
+        except torch.OutOfMemoryError:
+            # no room beside the current layer's peak: the host tensors, copied by install_layer at the layer's
+            # turn as without the copy ahead (the partial copy is freed with this frame)
+            return tensors
 
     def take(self, i: int):
         """Layer i's host tensors (None for an eager model); waits for the read, re-raises its error.
