@@ -142,19 +142,21 @@ def test_the_down_input_cache_is_left_out_where_it_would_crowd_the_gpu(models_di
     from types import SimpleNamespace
     from alphaquant.pipeline import walker as W
     from alphaquant.pipeline.attention_reuse import ReusePoints
-    block = SimpleNamespace(top_k=2, experts=[SimpleNamespace(names=("g", "u", "d"), _modules={
-        "g": SimpleNamespace(out_features=32, weight=torch.zeros(1, dtype=torch.bfloat16))})])
-    layer = SimpleNamespace(get_submodule=lambda name: block)
-    points = ReusePoints(qkv=frozenset(), o="o", h="h", act="mlp.expert_act")
+    from alphaquant import models
+    from alphaquant.arch import get_adapter
+    model = models.from_config({**tiny.BASE, **tiny.FAMILIES["olmoe"]}, seed=0).to(torch.bfloat16)
+    real = get_adapter(model).attention_reuse(model.model.layers[0])   # top_k 2 rows of the intermediate 32, bf16
+    assert real.act == "mlp.expert_act" and real.act_token_bytes == 2 * 32 * 2
+    points = ReusePoints(qkv=frozenset(), o="o", h="h", act="mlp.expert_act", act_token_bytes=2 * 32 * 2)
     w = W.LayerWalker.__new__(W.LayerWalker)
     w.dm = SimpleNamespace(windows={"calib": torch.zeros(8, 64, dtype=torch.long)})       # 512 tokens
     w.trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
     need = 512 * 2 * 32 * 2                                                                 # 64 KiB
     for total, fits in ((4 * need, True), (4 * need - 1, False)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, t=total: SimpleNamespace(total_memory=t))
-        assert w._act_fits(layer, points) is fits
+        assert w._act_fits(points) is fits
     w.trainer.world_size = 2                                                                # half the tokens per rank
-    assert w._act_fits(layer, points)
+    assert w._act_fits(points)
     w.trainer.strategy.root_device = torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=0))
-    assert w._act_fits(layer, points)
+    assert w._act_fits(points)

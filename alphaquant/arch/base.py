@@ -130,15 +130,17 @@ class ArchAdapter:
         if type(layer).forward is not DecoderLayer.forward:
             return None
         attn = [f"self_attn.{n}" for n, m in layer.self_attn.named_children() if isinstance(m, nn.Linear)]
-        act, deps = None, frozenset()
+        act, deps, token_bytes = None, frozenset(), 0
         blocks = self.moe_blocks(layer)
         if len(blocks) == 1 and hasattr(layer.mlp_block, "from_down_inputs"):    # the routed down inputs too
             b = blocks[0]
             g, u, _ = b.proj_names
             act = f"{b.name}.expert_act"
             deps = frozenset([b.gate_name, *(f"{p}.{n}" for p in b.expert_prefixes.values() for n in (g, u))])
+            gate = layer.get_submodule(b.expert_linear_names(0)[0])
+            token_bytes = b.top_k * gate.out_features * gate.weight.element_size()
         return ReusePoints(qkv=frozenset(n for n in attn if n != "self_attn.o_proj"), o="self_attn.o_proj",
-                           h="post_attention_layernorm", act=act, act_deps=deps)
+                           h="post_attention_layernorm", act=act, act_deps=deps, act_token_bytes=token_bytes)
 
     def unload_layer(self, model: nn.Module, i: int) -> None:
         """Free layer i's weights if the model was loaded lazily (an eager model keeps them)."""

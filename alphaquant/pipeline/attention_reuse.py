@@ -41,6 +41,7 @@ class ReusePoints:
     h: str
     act: str | None = None          # the MoE block's expert_act (its input: the routed down_proj inputs), or None
     act_deps: frozenset[str] = frozenset()   # every linear those inputs depend on (attention, router, gate/up)
+    act_token_bytes: int = 0        # those inputs' bytes per calibration token (top_k x moe_intermediate x dtype)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class PlotWorker:
         if self.proc is not None:
             try:
                 return self._draw_in_child(results, directory)
-            except (OSError, ValueError, KeyError, subprocess.TimeoutExpired):
+            except (OSError, ValueError, TypeError, KeyError, subprocess.TimeoutExpired):   # TypeError: not JSON
                 pass
             finally:
                 self.close()

@@ -232,21 +232,19 @@ class LayerWalker:
         if not self.opts.reuse_attention or self.opts.asymmetric:
             return None
         points = self.adapter.attention_reuse(layer)
-        if points is not None and (last or self.opts.cache_device is not None or not self._act_fits(layer, points)):
+        if points is not None and (last or self.opts.cache_device is not None or not self._act_fits(points)):
             points = dataclasses.replace(points, act=None, act_deps=frozenset())
         return points
 
-    def _act_fits(self, layer, points) -> bool:
+    def _act_fits(self, points) -> bool:
         """Whether the down-input cache (every calibration token's top_k routed down_proj inputs) takes at most
         ACT_MAX_SHARE of the GPU's memory: a default that adds 4.3 GB to OLMoE-1B-7B's run at 128 x 2048 tokens must
         not push a larger MoE on a smaller GPU out of memory (Mixtral-8x7B there: 15 GB)."""
         if points.act is None or self.device.type != "cuda":
             return True
-        block = layer.get_submodule(points.act.rpartition(".")[0])
-        gate = block.experts[0]._modules[block.experts[0].names[0]]
         tokens = -(-self.dm.windows["calib"].numel() // max(1, self.trainer.world_size))    # this rank's share
-        need = tokens * block.top_k * gate.out_features * gate.weight.element_size()
-        return need <= ACT_MAX_SHARE * torch.cuda.get_device_properties(self.device).total_memory
+        return tokens * points.act_token_bytes <= ACT_MAX_SHARE * torch.cuda.get_device_properties(
+            self.device).total_memory
 
     def _keep_complete(self, reuse: PassReuse) -> None:
         """Caches this pass filled for every sample it ran become usable; an incomplete one is dropped (the

@@ -104,10 +104,11 @@ def _warm(device, fmt, cfg) -> None:
 
 def _widths(cfg) -> tuple[int, int]:
     """(hidden_size, experts per token) from the model directory's config.json; (256, 2) when it says nothing."""
-    import json
     from pathlib import Path
+
+    from alphaquant.models.loading import read_config_dict
     try:
-        c = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        c = read_config_dict(Path(cfg.model.path))
         c = c.get("text_config", c)
         return int(c.get("hidden_size", 256)), int(c.get("num_experts_per_tok", c.get("top_k", 2)) or 2)
     except (OSError, ValueError, TypeError, AttributeError):
