@@ -364,15 +364,18 @@ def stage_ours(args, work: Path) -> dict:
         ph = dict(row["phases"])
         collect = ph.pop("collect+solve", 0.0)
         hess, solve = ph.pop("hessian", None), ph.pop("solve", 0.0)
+        gc_seconds = ph.pop("gc", None)       # Python's collector, inside the other phases' times
         split = {"load": ph.pop("load", 0.0),
                  "forward": collect - (hess or 0.0) - solve,     # collect passes: layer forward + hooks
                  "hessian": hess, "solve": solve, "propagate": ph.pop("propagate", 0.0),
                  "write": ph.pop("write", 0.0)}
         split["other"] = row["seconds"] - sum(v or 0.0 for v in split.values())
+        split["gc"] = gc_seconds
         layers.append({"layer": row["layer"], "seconds": row["seconds"], **split, "passes": row.get("passes", {}),
                        "mean_rel_error_proxy": row["mean_rel_error"], "fallbacks": row["fallbacks"]})
     return {"seconds_end_to_end": t2 - t0, "seconds_prepare": t1 - t0, "seconds_run": t2 - t1,
-            "stage_seconds": res.get("stage_seconds", {}), "solve_seconds": res["solve_seconds"], "layers": layers, "memory": memory(args.device),
+            "stage_seconds": res.get("stage_seconds", {}), "solve_seconds": res["solve_seconds"], "layers": layers,
+            "gc": res.get("gc"), "memory": memory(args.device),
             "checkpoint_gib": sum(f.stat().st_size for f in (work / our_out_name(args)).glob("*.safetensors")) / 2**30,
             "devices": args.devices, "memory_per_rank": [
                 json.loads((work / f"ours_{args.devices}gpu_rank{r}_memory.json").read_text())
@@ -794,7 +797,7 @@ def device_name(args) -> str:
 
 
 def per_layer_split(layers: list[dict]) -> dict:
-    keys = ("load", "forward", "hessian", "solve", "propagate", "write", "other")
+    keys = ("load", "forward", "hessian", "solve", "propagate", "write", "other", "gc")
     n = max(1, len(layers))
     return {k: sum((r.get(k) or 0.0) for r in layers) / n for k in keys} | {
         "total": sum(r["seconds"] for r in layers) / n}
@@ -861,6 +864,10 @@ def render(r: dict) -> str:
                  + " / ".join(f"{sp[k]:.2f}" for k in ("load", "forward", "hessian", "solve", "propagate", "write",
                                                        "other"))
                  + " | not split (oneshot " + lt("seconds_oneshot") + " s, save " + lt("seconds_save") + " s) |")
+    if ours.get("gc"):              # Python's cyclic collector during the walk (pipeline/gc_pause.py)
+        c = ours["gc"]["collections"]
+        lines.append(f"| Python garbage collection in the walk (s; collections gen0/1/2) | {ours['gc']['seconds']:.2f} "
+                     f"({c['gen0']}/{c['gen1']}/{c['gen2']}) | - |")
     gm = lambda m: f"{m['gpu_peak_gib']:.1f}" if "gpu_peak_gib" in m else "-"  # noqa: E731
     lines.append(f"| peak GPU memory (GiB) | {gm(ours['memory'])} | {gm(llmc['memory']) if llmc else '-'} |")
     lines.append(f"| peak host memory (GiB) | {ours['memory']['host_peak_gib']:.1f} | "

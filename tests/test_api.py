@@ -39,7 +39,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _without_times(summary: dict) -> dict:
-    drop = {"seconds_total", "seconds_walk", "solve_seconds", "stage_seconds", "memory", "layers"}
+    drop = {"seconds_total", "seconds_walk", "solve_seconds", "stage_seconds", "memory", "layers", "gc"}
     return {k: v for k, v in summary.items() if k not in drop}
 
 

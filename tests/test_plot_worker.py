@@ -74,3 +74,37 @@ def test_the_child_exits_when_the_run_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the plot worker outlived its killed parent")
+
+
+def test_one_worker_per_figure_draws_the_same_files(tmp_path):
+    ws = plots.PlotWorkers()
+    assert [w.figures for w in ws.workers] == [(f,) for f in plots.FIGURES]
+    got = ws.draw(_results(), tmp_path / "child")
+    assert all(w.proc is None for w in ws.workers)         # each ended after its one request
+    ref = plots.save_plots(_results(), tmp_path / "here")
+    assert list(got) == list(ref) == list(plots.FIGURES)
+    for k in ref:
+        assert got[k] == tmp_path / "child" / ref[k].name and got[k].read_bytes() == ref[k].read_bytes()
+
+
+def test_a_failing_figure_worker_has_only_its_figure_drawn_here(tmp_path, monkeypatch):
+    ws = plots.PlotWorkers()
+    dead = ws.workers[1]
+    dead.proc.kill()
+    dead.proc.wait()
+    drawn_here = []
+    real = plots.save_plots
+
+    def spy(results, directory, only=plots.FIGURES):
+        drawn_here.append(tuple(only))
+        return real(results, directory, only=only)
+    monkeypatch.setattr(plots, "save_plots", spy)
+    got = ws.draw(_results(), tmp_path / "p")
+    assert drawn_here == [(plots.FIGURES[1],)]
+    assert list(got) == list(plots.FIGURES) and all(p.is_file() for p in got.values())
+
+
+def test_save_plots_draws_only_the_figures_asked_for(tmp_path):
+    assert list(plots.save_plots(_results(), tmp_path, only=("tokens_per_expert",))) == ["tokens_per_expert"]
+    assert not (tmp_path / "layer_error.png").exists()
+    assert plots.save_plots({"layers": [], "experts": []}, tmp_path / "none") == {}

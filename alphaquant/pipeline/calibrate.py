@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from alphaquant.pipeline.accelerator import release_cached_memory
 from alphaquant.pipeline.datamodule import WindowDataModule
-from alphaquant.pipeline.plots import PlotWorker, log_plots, preload_pyplot, save_plots
+from alphaquant.pipeline.gc_pause import GCWatch, frozen_heap
+from alphaquant.pipeline.plots import PlotWorkers, log_plots, preload_pyplot, save_plots
 from alphaquant.pipeline.progress import LayerProgress
 from alphaquant.pipeline.report import expert_token_table, layer_error_table
 from alphaquant.pipeline.trainer import build_loggers, build_trainer, quiet_lightning
@@ -49,14 +50,15 @@ def build_and_walk(session, writer_factory) -> dict:
     label = getattr(session, "progress_label", None) or f"quantize: {cfg.calibration.hessian} Hessians"
     progress = LayerProgress(n_layers, enabled=rank0, label=label)
 
-    plotter = []                  # a GPU run's PlotWorker (plots.py), started after the first layer
+    plotter = []                  # a GPU run's PlotWorkers (plots.py), started after the first layer
 
     def on_layer_end(i, stats):
         if draws and i == 0:      # matplotlib's one-time costs, after the first layer's own warm-up: in a child
             if trainer.strategy.root_device.type == "cuda":     # process beside a GPU walk, else in a thread
-                plotter.append(PlotWorker())
+                plotter.append(PlotWorkers())
             else:
                 preload_pyplot()
+        stats.phases["gc"] = gc_watch.take()      # collector seconds during the layer (inside its phases' times)
         rows = layer_error_table({k: r for k, r in solver.records.items()}, [stats])
         progress.layer_done(i, stats, mean_error=rows[0]["mean_rel_error"])
         for lg in loggers:
@@ -71,7 +73,9 @@ def build_and_walk(session, writer_factory) -> dict:
     t0 = time.perf_counter()
     stages = session.stage_seconds
     stages["setup"] = t0 - t_setup       # trainer, loggers, resume fingerprint
-    with (_atomic(out, cfg.output.overwrite)) as tmp, progress, _clear_on_user_error(resume), _closing(plotter):
+    gc_watch = GCWatch()
+    with (_atomic(out, cfg.output.overwrite)) as tmp, progress, _clear_on_user_error(resume), _closing(plotter), \
+            frozen_heap(), gc_watch:
         writer = writer_factory(tmp, solver.records) if tmp is not None else None
         walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
@@ -89,7 +93,7 @@ def build_and_walk(session, writer_factory) -> dict:
             "fallbacks": {n: r.fallback for n, r in solver.records.items() if r.fallback},
             "calibration_tokens": int(session.windows["calib"].numel()),
             "seconds_walk": time.perf_counter() - t0, "solve_seconds": solver.solve_seconds,
-            "memory": peak_memory(), "output_dir": str(out) if out else None,
+            "memory": peak_memory(), "output_dir": str(out) if out else None, "gc": gc_watch.summary(),
             "modules": {n: {"format": r.spec.label, "tokens": r.tokens, "rel_error": r.rel_error,
                             "loss": r.loss, "fallback": r.fallback} for n, r in solver.records.items()},
         }

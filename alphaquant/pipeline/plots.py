@@ -2,9 +2,9 @@
 
 Written next to the checkpoint (plots/) and logged as images to W&B when it is on.
 
-On a GPU run they are drawn by `PlotWorker`, a child Python process started after the first layer: matplotlib's
-import and first figure (~1 s) and the drawing itself (~0.2-0.4 s of pure Python) then run on another core
-instead of sharing the GIL with the layer walk and with the last shard's write at the end (in a thread, the
+On a GPU run they are drawn by `PlotWorkers`, one child Python process per figure, started after the first layer:
+matplotlib's import and first figure (~1 s) and the drawing itself (~0.2-0.4 s of pure Python) then run on other
+cores, both figures at once, instead of sharing the GIL with the layer walk and with the last shard's write at the end (in a thread, the
 import stalled the walk's second layer by ~0.3 s and the drawing took 0.5-1.1 s beside the write on an H200
 host). This file is the child's program too (`python plots.py --serve`: it imports matplotlib and nothing of
 alphaquant). CPU runs draw in-process (a thread warms pyplot up after the first layer).
@@ -61,13 +61,20 @@ def _warm_figure():
     plt.close(fig)
 
 
+FIGURES = ("layer_error", "tokens_per_expert")
+_NEEDS = {"layer_error": "layers", "tokens_per_expert": "experts"}     # the part of the results each figure draws
+
+
 class PlotWorker:
-    """save_plots in a child process (see the module docstring). `draw` falls back to drawing in this process
-    when the child cannot be started or fails, so the plots are never lost to it; `close` ends the child."""
+    """save_plots of some figures in a child process (see the module docstring). `send` hands it the request
+    without waiting, `collect` waits for its paths (raises if it failed); `draw` does both and falls back to
+    drawing in this process when the child cannot be started or fails, so the plots are never lost to it;
+    `close` ends the child."""
 
     TIMEOUT_S = 120.0
 
-    def __init__(self):
+    def __init__(self, figures: tuple[str, ...] = FIGURES):
+        self.figures = tuple(figures)
         self.proc: subprocess.Popen | None = None
         try:
             self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve"],
@@ -77,19 +84,26 @@ class PlotWorker:
             self.proc = None
 
     def draw(self, results: dict, directory: Path) -> dict[str, Path]:
-        if self.proc is not None:
-            try:
-                return self._draw_in_child(results, directory)
-            except (OSError, ValueError, TypeError, KeyError, subprocess.TimeoutExpired):   # TypeError: not JSON
-                pass
-            finally:
-                self.close()
-        return save_plots(results, directory)
+        try:
+            self.send(results, directory)
+            return self.collect()
+        except (OSError, ValueError, TypeError, KeyError, subprocess.TimeoutExpired):   # TypeError: not JSON
+            return save_plots(results, directory, only=self.figures)
+        finally:
+            self.close()
 
-    def _draw_in_child(self, results: dict, directory: Path) -> dict[str, Path]:
-        request = {"results": {"layers": results["layers"], "experts": results["experts"]},
+    def send(self, results: dict, directory: Path) -> None:
+        if self.proc is None:
+            raise OSError("no plot worker")
+        request = {"results": {_NEEDS[f]: results[_NEEDS[f]] for f in self.figures}, "only": list(self.figures),
                    "directory": str(directory)}
-        out, _ = self.proc.communicate(json.dumps(request) + "\n", timeout=self.TIMEOUT_S)
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def collect(self) -> dict[str, Path]:
+        if self.proc is None:
+            raise OSError("no plot worker")
+        out, _ = self.proc.communicate(timeout=self.TIMEOUT_S)
         reply = json.loads(out.strip().splitlines()[-1]) if out and out.strip() else {}
         if self.proc.returncode != 0 or "paths" not in reply:
             raise ValueError(reply.get("error", f"plot worker exited with {self.proc.returncode}"))
@@ -100,6 +114,40 @@ class PlotWorker:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+class PlotWorkers:
+    """One PlotWorker per figure, drawing at the same time: the figures are independent, and at the end of a run
+    the drawing (~0.15-0.3 s of pure Python a figure) is all that is left beside the last shard's write. A
+    worker that fails has its figures drawn in this process."""
+
+    def __init__(self, figures: tuple[str, ...] = FIGURES):
+        self.workers = [PlotWorker((f,)) for f in figures]
+
+    def draw(self, results: dict, directory: Path) -> dict[str, Path]:
+        sent = []
+        for w in self.workers:
+            try:
+                w.send(results, directory)
+                sent.append(w)
+            except (OSError, ValueError, TypeError, KeyError):
+                w.close()
+        out, ok = {}, set()
+        for w in sent:
+            try:
+                out.update(w.collect())
+                ok.add(w)
+            except (OSError, ValueError, TypeError, KeyError, subprocess.TimeoutExpired):
+                pass
+        missing = tuple(f for w in self.workers if w not in ok for f in w.figures)
+        self.close()
+        if missing:
+            out.update(save_plots(results, directory, only=missing))
+        return {f: out[f] for f in FIGURES if f in out}
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
 
 
 def _serve() -> int:
@@ -113,7 +161,7 @@ def _serve() -> int:
         return 0            # the parent went away (or closed it): nothing to draw
     try:
         req = json.loads(line)
-        paths = save_plots(req["results"], Path(req["directory"]))
+        paths = save_plots(req["results"], Path(req["directory"]), only=tuple(req.get("only", FIGURES)))
         print(json.dumps({"paths": {k: str(v) for k, v in paths.items()}}), flush=True)
         return 0
     except Exception as e:   # noqa: BLE001 - the parent draws in-process instead
@@ -121,14 +169,16 @@ def _serve() -> int:
         return 1
 
 
-def save_plots(results: dict, directory: Path) -> dict[str, Path]:
+def save_plots(results: dict, directory: Path, only: tuple[str, ...] = FIGURES) -> dict[str, Path]:
+    """The figures named in `only` (all by default) as PNG files in `directory`; {figure: path} of those drawn
+    (a figure without data is not drawn)."""
     if _PRELOAD is not None:
         _PRELOAD.join()
     plt = _import_pyplot()
 
     directory.mkdir(parents=True, exist_ok=True)
     out = {}
-    layers = results["layers"]
+    layers = results.get("layers") if "layer_error" in only else None
     if layers:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         idx = [r["layer"] for r in layers]
@@ -140,7 +190,7 @@ def save_plots(results: dict, directory: Path) -> dict[str, Path]:
         out["layer_error"] = directory / "layer_error.png"
         fig.savefig(out["layer_error"], dpi=110)
         plt.close(fig)
-    experts = results["experts"]
+    experts = results.get("experts") if "tokens_per_expert" in only else None
     if experts:
         width = max(len(r["counts"]) for r in experts)
         grid = [r["counts"] + [0] * (width - len(r["counts"])) for r in experts]
