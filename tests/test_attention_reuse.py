@@ -58,7 +58,7 @@ def _run(root, corpus, ckpt, name, reuse, cache_device="auto", gpu=False):
                                     "batch_size": 4, "min_tokens_warn": 16, "reuse_attention": reuse,
                                     "cache_device": cache_device}, **extra)
     s = run_session(cfg)
-    assert set(s.results["stage_seconds"]) == {"data", "setup", "walk", "plots", "finish", "cleanup"}   # all timed
+    assert set(s.results["stage_seconds"]) == {"data", "warmup", "setup", "walk", "plots", "finish", "cleanup"}   # all timed
     weights = {n: m.weight.detach().clone() for n, m in s.model.named_modules() if isinstance(m, torch.nn.Linear)}
     losses = {n: (r.loss, r.rel_error, r.tokens) for n, r in s.results["records"].items()} \
         if "records" in s.results else None

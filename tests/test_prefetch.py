@@ -84,3 +84,75 @@ def test_background_read_error_is_raised_by_take():
             pf.take(2)
     finally:
         pf.close()
+
+
+def test_a_request_may_ask_for_pageable_memory():
+    ad = _Adapter()
+    pf = LayerPrefetcher(ad, model=None, n_layers=3, pin_memory=True)
+    try:
+        pf.request(0, pin=False)                       # the session's early read of layer 0
+        pf.request(1)
+        assert pf.take(0) == {"layer": 0} and pf.take(1) == {"layer": 1}
+    finally:
+        pf.close()
+    assert ad.calls == [(0, False, False), (1, True, False)]      # both in the background
+
+
+def test_matches_says_whether_it_reads_what_a_walk_would():
+    ad, model = _Adapter(), object()
+    pf = LayerPrefetcher(ad, model=model, n_layers=3, pin_memory=False)
+    try:
+        assert pf.matches(ad, model, 3, None)
+        assert not pf.matches(_Adapter(), model, 3, None) and not pf.matches(ad, object(), 3, None)
+        assert not pf.matches(ad, model, 4, None) and not pf.matches(ad, model, 3, torch.device("cuda", 0))
+    finally:
+        pf.close()
+
+
+@pytest.fixture(scope="module")
+def olmoe_lazy(tmp_path_factory):
+    import tiny
+    root = tmp_path_factory.mktemp("early")
+    return root, tiny.write_corpus(root), tiny.make_checkpoint("olmoe", root / "olmoe")
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_the_sessions_early_first_layer_read_is_what_the_walk_uses(olmoe_lazy, monkeypatch, same):
+    """session.run starts layer 0's read before the data stage (beside the GPU warm-up; stood in for here on the
+    CPU): the walk takes it instead of reading the layer again, and the run's records are those of a run without
+    it. A prefetcher that reads something else is closed and replaced."""
+    from pipeline_utils import run_session, write_config
+
+    from alphaquant.pipeline import prefetch as prefetch_mod
+    from alphaquant.pipeline.session import CalibrationSession
+    root, corpus, ckpt = olmoe_lazy
+    cfg = write_config(root / f"early{same}.yaml", ckpt, corpus, model={"path": str(ckpt), "lazy": True},
+                       eval={"enabled": False})
+    plain = run_session(cfg)
+    made, closed = [], []
+
+    def early(session):
+        n = session.adapter.num_layers(session.model)
+        pf = LayerPrefetcher(session.adapter, session.model, n if same else n + 1, pin_memory=False)
+        pf.request(0, pin=False)
+        made.append(pf)
+        return pf
+    real_close = prefetch_mod.LayerPrefetcher.close
+
+    def spy_close(self):
+        closed.append(self)
+        real_close(self)
+    monkeypatch.setattr(CalibrationSession, "_early_first_layer", early)
+    monkeypatch.setattr(prefetch_mod.LayerPrefetcher, "close", spy_close)
+    taken = []
+    real_take = prefetch_mod.LayerPrefetcher.take
+    monkeypatch.setattr(prefetch_mod.LayerPrefetcher, "take",
+                        lambda self, i: (taken.append((self, i)), real_take(self, i))[1])
+    s = run_session(cfg)
+    assert len(made) == 1 and made[0] in closed
+    assert (taken[0] == (made[0], 0)) is same                      # layer 0 from the early read, or read anew
+    assert all((p is made[0]) is same for p, _ in taken)
+    assert {n: r.rel_error for n, r in s.results["records"].items()} == \
+        {n: r.rel_error for n, r in plain.results["records"].items()}
+    for n, r in plain.results["records"].items():      # the solved scales (the lazy layers' weights are freed)
+        assert torch.equal(s.results["records"][n].params.scale, r.params.scale)

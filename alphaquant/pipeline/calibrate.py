@@ -22,7 +22,9 @@ def solver_options(g) -> dict:
                 scale_search=g.scale_search)
 
 
-def build_and_walk(session, writer_factory) -> dict:
+def build_and_walk(session, writer_factory, prefetch=None) -> dict:
+    """prefetch: a LayerPrefetcher started before the walk (session.run: layer 0 read during the data stage),
+    used when it reads what the walk would; the walk closes it."""
     from alphaquant.callbacks.hessian import HessianCollector
     from alphaquant.callbacks.perplexity import PerplexityCallback
     from alphaquant.callbacks.solve import GPTQSolve
@@ -79,7 +81,8 @@ def build_and_walk(session, writer_factory) -> dict:
         writer = writer_factory(tmp, solver.records) if tmp is not None else None
         walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
-                             on_layer_end=on_layer_end, progress=progress.group_done, resume=resume)
+                             on_layer_end=on_layer_end, progress=progress.group_done, resume=resume,
+                             prefetch=prefetch)
         perplexity = walker.run()
         for k, v in perplexity.items():
             progress.stream_done(_PPL_NAMES.get(k, k), v)

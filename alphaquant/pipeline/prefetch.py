@@ -27,13 +27,19 @@ class LayerPrefetcher:
         self._stream = torch.cuda.Stream(self.device) if self.device is not None and self.device.type == "cuda" \
             else None
 
-    def request(self, i: int) -> None:
-        """Start reading layer i (no-op past the last layer or if already asked)."""
+    def request(self, i: int, pin: bool | None = None) -> None:
+        """Start reading layer i (no-op past the last layer or if already asked); pin: page-locked host memory
+        for it (default: the prefetcher's setting)."""
         if 0 <= i < self.n and i not in self._pending:
-            self._pending[i] = self._pool.submit(self._read, i)
+            self._pending[i] = self._pool.submit(self._read, i, self.pin if pin is None else pin)
 
-    def _read(self, i: int):
-        tensors = self.adapter.read_layer(self.model, i, self.pin)
+    def matches(self, adapter, model, n_layers: int, device: torch.device | None) -> bool:
+        """Reads the same layers of the same model to the same place as a prefetcher made with these."""
+        same_device = (self.device is None) == (device is None) and (device is None or self.device == torch.device(device))
+        return self.adapter is adapter and self.model is model and self.n == n_layers and same_device
+
+    def _read(self, i: int, pin: bool):
+        tensors = self.adapter.read_layer(self.model, i, pin)
         if self.device is None or tensors is None:
             return tensors
         try:

@@ -68,7 +68,7 @@ class LayerStats:
 
 class LayerWalker:
     def __init__(self, trainer, model, adapter, specs, datamodule, *, collector, solver, perplexity,
-                 opts: WalkOptions, writer=None, on_layer_end=None, progress=None, resume=None):
+                 opts: WalkOptions, writer=None, on_layer_end=None, progress=None, resume=None, prefetch=None):
         self.trainer, self.model, self.adapter, self.specs = trainer, model, adapter, specs
         self.dm, self.collector, self.solver, self.ppl = datamodule, collector, solver, perplexity
         self.opts, self.writer, self.on_layer_end, self.progress = opts, writer, on_layer_end, progress
@@ -76,6 +76,7 @@ class LayerWalker:
         self.runner = LayerRunner(layer_kwargs=self.adapter.layer_kwargs_fn(model))
         self.layer_stats: list[LayerStats] = []
         self._held: set[str] = set()      # attention reuse: the caches complete for the layer of the moment
+        self._early = prefetch            # a LayerPrefetcher started before the walk (closed by run)
 
     # -- passes -------------------------------------------------------------------------------
     def _predict(self, block, phase, stream, stats=None, **plan):
@@ -123,8 +124,14 @@ class LayerWalker:
         done = self.resume.layers_done if self.resume is not None else 0
         on_gpu = self.device.type == "cuda"
         # the next layer is also copied to the GPU ahead unless the run keeps its memory low (cache_device cpu)
-        self.prefetch = LayerPrefetcher(self.adapter, self.model, n, pin_memory=on_gpu,
-                                        device=self.device if on_gpu and self.opts.cache_device is None else None)
+        ahead = self.device if on_gpu and self.opts.cache_device is None else None
+        if self._early is not None and self._early.matches(self.adapter, self.model, n, ahead):
+            self.prefetch = self._early
+        else:
+            if self._early is not None:
+                self._early.close()
+            self.prefetch = LayerPrefetcher(self.adapter, self.model, n, pin_memory=on_gpu, device=ahead)
+        self._early = None
         resume_writer = self.resume if self.resume is not None and self.resume.writer else None
         compresses = self.writer is not None and self.writer.stores_quantized
         compressor = self.writer if compresses else LayerCompressor(self.specs, self.solver.records, embed.weight.dtype)
