@@ -4,10 +4,10 @@ OLMoE-1B-7B shapes: 64 experts, ~16k rows per expert per batch (64 x 2048 tokens
 inputs) and 1024 (down inputs), bf16 rows, float32 routing weights. Variants, all from the same sorted rows:
 
   current      gptq/hessian.py's `accumulate_segments` (the baseline: split in runs of experts, then per expert
-               p = hiᵀx, q = loᵀx with float32 output and H += p; H += q)
-  addmm        per expert two torch.addmm(H[e], ·ᵀ, x, out_dtype=float32, out=H[e]): no temporaries, no adds
+               two torch.addmm(H[e], ·ᵀ, x, out_dtype=float32, out=H[e]): no temporaries, no add kernels)
+  mm_add       what it did before: per expert p = hiᵀx, q = loᵀx (float32 temporaries), H += p; H += q
   stacked      per expert one float32-output product of [hi; lo]ᵀ with [x; x] (K doubled; x copied once per run)
-  upper2/4     `addmm` on the upper triangle of a 2 x 2 (4 x 4) block grid only (3/4, 10/16 of the products);
+  upper2/4     `mm_add` on the upper triangle of a 2 x 2 (4 x 4) block grid only (3/4, 10/16 of the products);
                the lower blocks mirrored once at the end (H is symmetric)
   hi_only      one product hiᵀx: c·x rounded to bf16 (~2^-9 relative per element), for its error only
 
@@ -67,10 +67,10 @@ def v_current(H, x, counts, w, experts):
     accumulate_segments(H, x, counts, w, experts)
 
 
-def v_addmm(H, x, counts, w, experts):
+def v_mm_add(H, x, counts, w, experts):
     def body(h, hi, lo, xe):
-        torch.addmm(h, hi.T, xe, out_dtype=F32, out=h)
-        torch.addmm(h, lo.T, xe, out_dtype=F32, out=h)
+        p, q = torch.mm(hi.T, xe, out_dtype=F32), torch.mm(lo.T, xe, out_dtype=F32)
+        h.add_(p).add_(q)
     each_expert(H.H, x, counts, w, body)
 
 
@@ -112,7 +112,7 @@ def v_hi_only(H, x, counts, w, experts):
     each_expert(H.H, x, counts, w, body)
 
 
-VARIANTS = {"current": v_current, "addmm": v_addmm, "stacked": v_stacked, "upper2": upper(2), "upper4": upper(4),
+VARIANTS = {"current": v_current, "mm_add": v_mm_add, "stacked": v_stacked, "upper2": upper(2), "upper4": upper(4),
             "hi_only": v_hi_only}
 
 

@@ -51,7 +51,8 @@ def _per_expert_reference(H, x, counts, w, hessian):
         if n:
             hi, lo = hessian.split_weighted(x[start:start + n], w[start:start + n])
             xs = x[start:start + n]
-            H[e].add_(hessian._mm_fp32(hi.T, xs)).add_(hessian._mm_fp32(lo.T, xs))
+            hessian._addmm_fp32(H[e], hi.T, xs)
+            hessian._addmm_fp32(H[e], lo.T, xs)
         start += n
 
 
@@ -63,7 +64,7 @@ def test_weighted_runs_of_experts_equal_one_split_per_expert(monkeypatch):
     from alphaquant.gptq import hessian
     from alphaquant.gptq.weighted_split import split_torch
 
-    monkeypatch.setattr(hessian, "_mm_fp32", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(hessian, "_addmm_fp32", lambda H, a, b: H.add_(a.float() @ b.float()))
     monkeypatch.setattr(hessian, "split_weighted", split_torch)
     g = torch.Generator().manual_seed(4)
     counts = [5, 0, 17, 3, 0, 40, 1, 9]
@@ -80,12 +81,12 @@ def test_weighted_runs_of_experts_equal_one_split_per_expert(monkeypatch):
     # the half-precision matmul refused at expert 3: experts 0-2 as above, 3.. through accumulate_hessian_fast
     calls = []
 
-    def refusing(a, b):
+    def refusing(H, a, b):
         calls.append(1)
         if len(calls) > 4:          # experts 0 and 2 (two products each), then expert 3's first
             raise RuntimeError("no float32 output here")
-        return a.float() @ b.float()
-    monkeypatch.setattr(hessian, "_mm_fp32", refusing)
+        H.add_(a.float() @ b.float())
+    monkeypatch.setattr(hessian, "_addmm_fp32", refusing)
     monkeypatch.setattr(hessian, "_HALF_MM_FP32_OUT", [True])
     got = torch.zeros_like(ref)
     hessian._weighted_segments(got, x, counts, w)

@@ -145,12 +145,15 @@ class TF32:
         torch.set_float32_matmul_precision(self.old)
 
 
-_HALF_MM_FP32_OUT = [True]     # mm(bf16, bf16, out_dtype=float32) available (checked on first use)
+_HALF_MM_FP32_OUT = [True]     # addmm(fp32, bf16, bf16, out_dtype=float32) available (checked on first use)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b of half-precision operands with float32 output (exact products, fp32 accumulation)."""
-    return torch.mm(a, b, out_dtype=torch.float32)
+def _addmm_fp32(H: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """H += a @ b in place, a and b half precision, H float32 (exact products, fp32 accumulation): one GEMM whose
+    epilogue adds H, instead of a float32 product in a temporary and an add kernel (bench/routed_hessian.py on an
+    H200: the routed Hessians of an OLMoE layer's 64 experts 0.93x (2048 columns) and 0.80x (1024) the time, the
+    same error against a float64 reference)."""
+    torch.addmm(H, a, b, out_dtype=torch.float32, out=H)
 
 
 def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,7 +172,7 @@ def accumulate_hessian_fast(H: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     if _HALF_MM_FP32_OUT[0]:
         try:
             if weight is None:
-                H.add_(_mm_fp32(x2.T, x2))
+                _addmm_fp32(H, x2.T, x2)
             else:
                 # c*x = hi + lo, both half precision (~2^-17 relative error of each c*x), from one kernel
                 hi, lo = split_weighted(x2, weight.reshape(-1))
@@ -240,9 +243,10 @@ def _weighted_segments(H, x, counts, w) -> None:
 
 
 def _add_split_products(H: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor) -> None:
-    """H += hiᵀx + loᵀx (both products formed before H changes: a refused matmul leaves H as it was)."""
-    p, q = _mm_fp32(hi.T, x), _mm_fp32(lo.T, x)
-    H.add_(p).add_(q)
+    """H += hiᵀx, then H += loᵀx. A torch or GPU without the float32-output GEMM refuses the first call, before
+    H changes (the second is the same call on operands of the same dtypes and layout)."""
+    _addmm_fp32(H, hi.T, x)
+    _addmm_fp32(H, lo.T, x)
 
 
 def accumulate_segments(state: "HessianState", x_sorted: torch.Tensor, counts: list[int],
