@@ -91,74 +91,15 @@ def _warm(device, fmt, cfg) -> None:
     state = HessianState.zeros(256, device=device)
     state.add(x, weight=ramp(256).abs().add(0.1))
     state.add(x)
-    from alphaquant.gptq.hessian import accumulate_segments
-    routed = HessianState.zeros(256, experts=2, device=device)      # the routed experts' path, at 256 columns
-    accumulate_segments(routed, x, [128, 128], ramp(256).abs().add(0.1), torch.arange(2, device=device)
-                        .repeat_interleave(128))
-    try:
-        _warm_layer(device, dtype, cfg)
-    except Exception:     # noqa: BLE001 - another model (transformers' code) or an odd config: the run meets it
-        pass
     if fmt is None:
         return
     # the solve: Cholesky, triangular solves, the scale search and sweep kernels
     from alphaquant.gptq import gptq_quantize
     from alphaquant.pipeline.calibrate import solver_options
-    # at the model's input widths of its linears (the hidden size; the experts' down_proj width): cuSOLVER's blocked
-    # Cholesky and the triangular solves take other kernels at 2048 columns than at 256 (the first layer's solve
-    # took ~0.12 s longer than the others on an H200 with the warm-up at 256 only)
-    for cols in dict.fromkeys((256, *_solve_widths(cfg))):
-        H = torch.eye(cols, device=device).add_(ramp(cols, cols).mul_(1e-3)).expand(2, cols, cols).contiguous()
-        H = H @ H.transpose(-1, -2)                                     # symmetric positive definite
-        W = ramp(2, 16, cols)
-        # cuda_graph off: capturing a graph here would forbid the main thread's CUDA calls meanwhile
-        gptq_quantize(W, H, fmt, **solver_options(cfg.gptq), cuda_graph=False)
-
-
-@torch.no_grad()
-def _warm_layer(device, dtype, cfg, tokens: int = 256) -> None:
-    """One forward of a decoder layer of the run's own family (our local model code) on zeros: the CUDA modules of
-    every kernel the layer's passes launch (router softmax / top-k, the experts' sort and counts, rotary cos/sin,
-    SiLU, casts) are loaded lazily on their first launch, 10-30 ms each on an H200, ~0.35 s of the first layer's
-    first pass before this. Real widths (the same kernels and GEMM shapes per token), fewer experts (2 x top_k:
-    the memory of a few experts, not a layer's). Models of transformers' own code raise here (not a local family):
-    skipped."""
-    import dataclasses
-    from pathlib import Path
-
-    from alphaquant.models.common.decoder import DecoderLayer
-    from alphaquant.models.common.layers import rotary_cos_sin
-    from alphaquant.models.loading import read_config_dict
-    from alphaquant.models.registry import config_from_dict
-
-    mc = config_from_dict(read_config_dict(Path(cfg.model.path)))
-    if mc.num_experts:
-        mc = dataclasses.replace(mc, num_experts=min(mc.num_experts, max(2 * mc.top_k, 2)))
-    with torch.device("meta"):
-        layer = DecoderLayer(mc, 0)
-    layer = layer.to_empty(device=device).to(dtype)
-    for p in layer.parameters():
-        p.zero_()
-    h = torch.zeros(1, tokens, mc.hidden_size, device=device, dtype=dtype)
-    cos_sin = rotary_cos_sin(torch.arange(tokens, device=device)[None], mc.head_dim, mc.rope_theta,
-                             mc.rope_linear_factor, dtype)
-    layer(h, cos_sin, None)
-
-
-def _solve_widths(cfg) -> tuple[int, ...]:
-    """The columns of the linears the solve meets first: hidden_size (attention, gate/up) and the routed experts'
-    (or the dense MLP's) width (down_proj); () when config.json says nothing. At most 8192 (the warm-up's H is
-    cols² floats)."""
-    from pathlib import Path
-
-    from alphaquant.models.loading import read_config_dict
-    try:
-        c = read_config_dict(Path(cfg.model.path))
-        c = c.get("text_config", c)
-        widths = (c.get("hidden_size"), c.get("moe_intermediate_size") or c.get("intermediate_size"))
-        return tuple(int(w) for w in widths if isinstance(w, int) and 0 < w <= 8192)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return ()
+    H = state.finalize().expand(2, 256, 256).contiguous()
+    W = ramp(2, 16, 256)
+    # cuda_graph off: capturing a graph here would forbid the main thread's CUDA calls meanwhile
+    gptq_quantize(W, H, fmt, **solver_options(cfg.gptq), cuda_graph=False)
 
 
 def _widths(cfg) -> tuple[int, int]:
