@@ -15,9 +15,10 @@ def _results():
 
 
 def test_the_child_draws_the_same_files(tmp_path):
-    w = plots.PlotWorker()
+    ws = plots.PlotWorkers(groups=(plots.FIGURES,))       # one child drawing both figures
+    w, = ws.workers
     assert w.proc is not None
-    got = w.draw(_results(), tmp_path / "child")
+    got = ws.draw(_results(), tmp_path / "child")
     assert w.proc is None                                  # ended after its one request
     ref = plots.save_plots(_results(), tmp_path / "here")
     assert set(got) == set(ref) == {"layer_error", "tokens_per_expert"}
@@ -26,18 +27,19 @@ def test_the_child_draws_the_same_files(tmp_path):
 
 
 def test_a_failing_child_falls_back_to_drawing_here(tmp_path, monkeypatch):
-    w = plots.PlotWorker()
+    ws = plots.PlotWorkers(groups=(plots.FIGURES,))
+    w, = ws.workers
     w.proc.kill()
     w.proc.wait()                                          # died before the request
-    got = w.draw(_results(), tmp_path / "p")
+    got = ws.draw(_results(), tmp_path / "p")
     assert set(got) == {"layer_error", "tokens_per_expert"} and all(p.is_file() for p in got.values())
 
     def no_python(*a, **k):
         raise OSError("no interpreter")
     monkeypatch.setattr(subprocess, "Popen", no_python)
-    w = plots.PlotWorker()
-    assert w.proc is None
-    assert set(w.draw(_results(), tmp_path / "q")) == {"layer_error", "tokens_per_expert"}
+    ws = plots.PlotWorkers(groups=(plots.FIGURES,))
+    assert ws.workers[0].proc is None
+    assert set(ws.draw(_results(), tmp_path / "q")) == {"layer_error", "tokens_per_expert"}
 
 
 def test_close_ends_a_waiting_child():

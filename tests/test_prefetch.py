@@ -100,13 +100,31 @@ def test_a_request_may_ask_for_pageable_memory():
 
 def test_matches_says_whether_it_reads_what_a_walk_would():
     ad, model = _Adapter(), object()
-    pf = LayerPrefetcher(ad, model=model, n_layers=3, pin_memory=False)
+    made = []
+
+    def pf(adapter=ad, m=model, n=3, pin=False, device=None):
+        made.append(LayerPrefetcher(adapter, model=m, n_layers=n, pin_memory=pin, device=device))
+        return made[-1]
     try:
-        assert pf.matches(ad, model, 3, None)
-        assert not pf.matches(_Adapter(), model, 3, None) and not pf.matches(ad, object(), 3, None)
-        assert not pf.matches(ad, model, 4, None) and not pf.matches(ad, model, 3, torch.device("cuda", 0))
+        a = pf()
+        assert a.matches(pf())
+        assert not a.matches(pf(adapter=_Adapter())) and not a.matches(pf(m=object()))
+        assert not a.matches(pf(n=4)) and not a.matches(pf(device=torch.device("cpu")))
+        assert not a.matches(pf(pin=True))
     finally:
-        pf.close()
+        for p in made:
+            p.close()
+
+
+def test_for_walk_pins_and_copies_ahead_only_on_a_gpu_without_a_host_cache():
+    class _Layers(_Adapter):
+        def num_layers(self, model):
+            return 5
+    p = LayerPrefetcher.for_walk(_Layers(), None, torch.device("cpu"), cache_on_host=False)
+    try:
+        assert (p.n, p.pin, p.device) == (5, False, None)
+    finally:
+        p.close()
 
 
 @pytest.fixture(scope="module")

@@ -67,9 +67,8 @@ _NEEDS = {"layer_error": "layers", "tokens_per_expert": "experts"}     # the par
 
 class PlotWorker:
     """save_plots of some figures in a child process (see the module docstring). `send` hands it the request
-    without waiting, `collect` waits for its paths (raises if it failed); `draw` does both and falls back to
-    drawing in this process when the child cannot be started or fails, so the plots are never lost to it;
-    `close` ends the child."""
+    without waiting, `collect` waits for its paths (raises if it failed), `close` ends the child; PlotWorkers
+    draws with them and falls back to this process, so the plots are never lost to a child."""
 
     TIMEOUT_S = 120.0
 
@@ -82,15 +81,6 @@ class PlotWorker:
                                          text=True)
         except OSError:
             self.proc = None
-
-    def draw(self, results: dict, directory: Path) -> dict[str, Path]:
-        try:
-            self.send(results, directory)
-            return self.collect()
-        except (OSError, ValueError, TypeError, KeyError, subprocess.TimeoutExpired):   # TypeError: not JSON
-            return save_plots(results, directory, only=self.figures)
-        finally:
-            self.close()
 
     def send(self, results: dict, directory: Path) -> None:
         if self.proc is None:
@@ -117,12 +107,13 @@ class PlotWorker:
 
 
 class PlotWorkers:
-    """One PlotWorker per figure, drawing at the same time: the figures are independent, and at the end of a run
-    the drawing (~0.15-0.3 s of pure Python a figure) is all that is left beside the last shard's write. A
-    worker that fails has its figures drawn in this process."""
+    """PlotWorkers drawing at the same time, by default one per figure: the figures are independent, and at the end
+    of a run the drawing (~0.15-0.3 s of pure Python a figure) is all that is left beside the last shard's write.
+    `groups`: the figures of each worker. A worker that cannot start or fails (TypeError: results JSON cannot
+    encode) has its figures drawn in this process."""
 
-    def __init__(self, figures: tuple[str, ...] = FIGURES):
-        self.workers = [PlotWorker((f,)) for f in figures]
+    def __init__(self, groups: tuple[tuple[str, ...], ...] = tuple((f,) for f in FIGURES)):
+        self.workers = [PlotWorker(g) for g in groups]
 
     def draw(self, results: dict, directory: Path) -> dict[str, Path]:
         sent = []

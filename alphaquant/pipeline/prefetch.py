@@ -27,16 +27,24 @@ class LayerPrefetcher:
         self._stream = torch.cuda.Stream(self.device) if self.device is not None and self.device.type == "cuda" \
             else None
 
+    @classmethod
+    def for_walk(cls, adapter, model, device: torch.device, cache_on_host: bool) -> "LayerPrefetcher":
+        """The walk's prefetcher: pinned reads on a GPU, and the copy ahead to it unless the run keeps its memory
+        low (calibration.cache_device cpu)."""
+        on_gpu = device.type == "cuda"
+        return cls(adapter, model, adapter.num_layers(model), pin_memory=on_gpu,
+                   device=device if on_gpu and not cache_on_host else None)
+
     def request(self, i: int, pin: bool | None = None) -> None:
         """Start reading layer i (no-op past the last layer or if already asked); pin: page-locked host memory
         for it (default: the prefetcher's setting)."""
         if 0 <= i < self.n and i not in self._pending:
             self._pending[i] = self._pool.submit(self._read, i, self.pin if pin is None else pin)
 
-    def matches(self, adapter, model, n_layers: int, device: torch.device | None) -> bool:
-        """Reads the same layers of the same model to the same place as a prefetcher made with these."""
-        same_device = (self.device is None) == (device is None) and (device is None or self.device == torch.device(device))
-        return self.adapter is adapter and self.model is model and self.n == n_layers and same_device
+    def matches(self, other: "LayerPrefetcher") -> bool:
+        """Reads the same layers of the same model to the same place (and pins them alike) as `other`."""
+        return (self.adapter is other.adapter and self.model is other.model and self.n == other.n
+                and self.device == other.device and self.pin == other.pin)
 
     def _read(self, i: int, pin: bool):
         tensors = self.adapter.read_layer(self.model, i, pin)

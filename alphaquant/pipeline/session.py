@@ -123,10 +123,8 @@ class CalibrationSession:
         if self._warmup is None:
             return None
         from alphaquant.pipeline.prefetch import LayerPrefetcher
-        on_device = self.cfg.calibration.cache_device != "cpu"
-        device = torch.device("cuda", 0)
-        prefetch = LayerPrefetcher(self.adapter, self.model, self.adapter.num_layers(self.model), pin_memory=True,
-                                   device=device if on_device else None)
+        prefetch = LayerPrefetcher.for_walk(self.adapter, self.model, torch.device("cuda", 0),
+                                            cache_on_host=self.cfg.calibration.cache_device == "cpu")
         prefetch.request(0, pin=False)
         return prefetch
 

@@ -122,16 +122,15 @@ class LayerWalker:
             self.runner.stores["calib_fp"] = SampleStore(self.dm.windows["calib"], device_embed, self.opts.cache_device)
         n = self.adapter.num_layers(self.model)
         done = self.resume.layers_done if self.resume is not None else 0
-        on_gpu = self.device.type == "cuda"
-        # the next layer is also copied to the GPU ahead unless the run keeps its memory low (cache_device cpu)
-        ahead = self.device if on_gpu and self.opts.cache_device is None else None
-        if self._early is not None and self._early.matches(self.adapter, self.model, n, ahead):
-            self.prefetch = self._early
-        else:
-            if self._early is not None:
+        self.prefetch = LayerPrefetcher.for_walk(self.adapter, self.model, self.device,
+                                                 cache_on_host=self.opts.cache_device == "cpu")
+        if self._early is not None:      # started before the walk: taken over when it reads what the walk would
+            if self._early.matches(self.prefetch):
+                self.prefetch.close()
+                self.prefetch = self._early
+            else:
                 self._early.close()
-            self.prefetch = LayerPrefetcher(self.adapter, self.model, n, pin_memory=on_gpu, device=ahead)
-        self._early = None
+            self._early = None
         resume_writer = self.resume if self.resume is not None and self.resume.writer else None
         compresses = self.writer is not None and self.writer.stores_quantized
         compressor = self.writer if compresses else LayerCompressor(self.specs, self.solver.records, embed.weight.dtype)
