@@ -239,6 +239,46 @@ def test_failed_write_leaves_nothing(work, monkeypatch):
     assert not [p.name for p in d.iterdir() if p.name.startswith(".out.tmp-")]
 
 
+def test_failed_run_with_a_shard_in_flight_leaves_nothing(work, monkeypatch):
+    """Layer 2 fails while an earlier shard is still being written by the shard writer's own thread: the run
+    waits for that write before removing its temporary directory (nothing is written into it afterwards)."""
+    import threading
+    import time
+
+    import models.common.checkpoint as ckpt_mod
+    d = work / "fail_inflight"
+    d.mkdir()
+    model = make_checkpoint("olmoe", d / "model")
+    out = d / "out"
+    _sharded(monkeypatch)
+    real, started, writes = ckpt_mod.save_file, threading.Event(), []
+
+    def slow(tensors, filename, metadata=None):
+        started.set()
+        time.sleep(0.5)
+        real(tensors, filename, metadata=metadata)
+        writes.append(filename)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", slow)
+    orig = QuantizedCheckpointWriter.add_layer
+
+    def add_layer(self, i, tensors):          # runs on the pipeline's write thread
+        if i == 1:
+            assert started.wait(10)           # a shard is on its way out
+            raise RuntimeError("disk full (simulated)")
+        return orig(self, i, tensors)
+
+    monkeypatch.setattr(QuantizedCheckpointWriter, "add_layer", add_layer)
+    cfg = write_config(d / "c.yaml", model, write_corpus(d), quant=MIXED, eval={"enabled": False},
+                       calibration=FAST, output={"save": True, "dir": str(out)})
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_session(cfg)
+    assert writes                             # the write in flight finished before the directory went
+    assert not out.exists()
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".out.tmp-")]
+    assert not any(t.name.startswith("shard-write") for t in threading.enumerate())
+
+
 def test_existing_dir_refused_then_overwritten(work, monkeypatch):
     d = work / "exists"
     d.mkdir()

@@ -150,6 +150,76 @@ def test_shard_writer_rolls_at_size(tmp_path):
     assert torch.equal(reader.read("t4"), torch.full((10,), 4.0))
 
 
+def _roll(writer, n=5):
+    for i in range(n):
+        writer.add(f"t{i}", torch.full((10,), float(i)))  # 40 bytes each -> 2 per shard at 100 bytes
+
+
+def test_background_shard_writer_writes_the_same_files(tmp_path):
+    with models.ShardWriter(tmp_path / "fg", max_shard_size=100) as w:
+        _roll(w)
+    with models.ShardWriter(tmp_path / "bg", max_shard_size=100, background=True) as w:
+        _roll(w)
+    names = sorted(p.name for p in (tmp_path / "fg").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "bg").iterdir()) and len(names) == 4   # 3 shards + index
+    for n in names:
+        assert (tmp_path / "fg" / n).read_bytes() == (tmp_path / "bg" / n).read_bytes()
+
+
+def test_background_shard_write_error_is_raised_by_the_writer(tmp_path, monkeypatch):
+    """A full disk in the background write: the next roll (or close) raises it as the OSError it is."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import models.common.checkpoint as ckpt_mod
+    real = ckpt_mod.save_file
+
+    def full_first(tensors, filename, metadata=None):
+        if filename.endswith("shard-00000.tmp"):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full_first)
+    w = models.ShardWriter(tmp_path, max_shard_size=100, background=True)
+    for i in range(3):                    # the third add rolls shard 0 out (in the background)
+        w.add(f"t{i}", torch.full((10,), float(i)))
+    with pytest.raises(OSError) as info:
+        _roll(w)                          # the next roll waits for shard 0
+    assert info.value.errno == errno.ENOSPC and "shard-00000.tmp" in str(info.value)
+    w.abandon()
+    w2 = models.ShardWriter(tmp_path / "b", max_shard_size=100, background=True)
+    for i in range(3):
+        w2.add(f"t{i}", torch.full((10,), float(i)))
+    with pytest.raises(OSError, match="No space left"):
+        w2.close()                        # or close, when no roll comes first
+    assert not list((tmp_path / "b").glob("*.safetensors"))
+
+
+def test_abandon_waits_for_the_shard_in_flight(tmp_path, monkeypatch):
+    """After abandon() returns nothing more is written: the caller may remove the directory."""
+    import threading
+    import time
+
+    import models.common.checkpoint as ckpt_mod
+    real, started, done = ckpt_mod.save_file, threading.Event(), []
+
+    def slow(tensors, filename, metadata=None):
+        started.set()
+        time.sleep(0.3)
+        real(tensors, filename, metadata=metadata)
+        done.append(filename)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", slow)
+    w = models.ShardWriter(tmp_path, max_shard_size=100, background=True)
+    for i in range(3):
+        w.add(f"t{i}", torch.full((10,), float(i)))
+    assert started.wait(5) and not done   # shard 0 is being written
+    w.abandon()
+    assert done == [str(tmp_path / "shard-00000.tmp")]
+    assert not any(t.name.startswith("shard-write") for t in threading.enumerate())
+
+
 def test_adapter_layer_walk_on_lazy_model(tmp_path):
     # The calls alphaquant.pipeline makes: embed_fn -> layer(hidden, **layer_kwargs_fn(hidden)) -> head_module.
     from alphaquant.arch import get_adapter
@@ -211,3 +281,50 @@ def test_streaming_layers_does_not_keep_the_checkpoint_resident(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     growth = int(out.stdout.split()[-1])
     assert growth < 0.25 * size, f"RSS grew {growth / 2**20:.0f} MiB streaming a {size / 2**20:.0f} MiB checkpoint"
+
+
+def test_skeleton_without_meta_init_is_the_same_model():
+    """_build_on_meta skips nn.init on meta tensors (_NoInitOnMeta): the same modules, names, shapes and dtypes
+    as building under torch.device('meta') alone, and tensors that are not meta are still initialised."""
+    from models import loading
+    from models.registry import config_from_dict, model_class_for
+
+    for cfg in (MIXTRAL, QWEN):
+        d = dict(cfg)
+        fast = loading._build_on_meta(d, torch.bfloat16)
+        with torch.device("meta"):
+            plain = model_class_for(d.get("model_type"))(config_from_dict(d)).to(torch.bfloat16)
+        assert [(k, p.shape, p.dtype, p.is_meta) for k, p in fast.named_parameters()] == \
+               [(k, p.shape, p.dtype, p.is_meta) for k, p in plain.named_parameters()]
+        assert [type(m) for m in fast.modules()] == [type(m) for m in plain.modules()]
+        assert all(p.is_meta for p in fast.parameters())
+    with loading._NoInitOnMeta():
+        real = torch.nn.init.constant_(torch.empty(3), 2.0)
+        lin = torch.nn.Linear(8, 4)
+    assert torch.equal(real, torch.full((3,), 2.0)) and lin.weight.abs().sum() > 0
+
+
+def test_no_init_on_meta_dispatches_no_init_op():
+    """The skipped work is real: building a meta Linear under the mode reaches no aten uniform_ at all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from models import loading
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for skip in (False, True):
+        ops = Ops()
+        with torch.device("meta"), ops:
+            if skip:
+                with loading._NoInitOnMeta():
+                    torch.nn.Linear(8, 4)
+            else:
+                torch.nn.Linear(8, 4)
+        assert ("uniform_" in ops.seen) is not skip, ops.seen

@@ -147,8 +147,9 @@ def _stored_dtype(p: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
 class QuantizedCheckpointWriter(LayerCompressor):
     """Streams a quantized model into `out_dir` (an existing, empty directory).
 
-    Shards of at most 1 GB: a full shard is written out while the walk goes on (the pipeline adds
-    layers from its background write thread), so only the last one waits at the end. With 5 GB
+    Shards of at most 1 GB: a full shard is written out by a thread of its own while the walk goes on (the
+    pipeline adds layers from its background write thread, which then goes on with the next layer), so
+    only the last one waits at the end. A failed run calls `abandon` before removing the directory. With 5 GB
     shards a quantized OLMoE-1B-7B (3.7 GB) was one shard, all of it written after the last layer.
     """
 
@@ -158,7 +159,7 @@ class QuantizedCheckpointWriter(LayerCompressor):
         self.model = model
         self.source_dir = Path(source_dir) if source_dir is not None else None
         self.layers_written: set[int] = set()
-        self.shards = ShardWriter(self.out, max_shard_size)
+        self.shards = ShardWriter(self.out, max_shard_size, background=True)
         self._non_layer_added = self._tensors_done = False
         # listed here, on the caller's thread: add_non_layer may run on the pipeline's write thread while
         # the walker installs and frees decoder layers, so it must not walk the model's parameters then
@@ -210,6 +211,11 @@ class QuantizedCheckpointWriter(LayerCompressor):
         self.add_non_layer()
         self.shards.close()
         self._tensors_done = True
+
+    def abandon(self) -> None:
+        """A failed run: the shard being written in the background finishes (its error ignored) before the
+        caller removes the output directory, so nothing is written into it afterwards."""
+        self.shards.abandon()
 
     def finish(self, extra_files: dict[str, dict] | None = None) -> None:
         """The remaining tensors (`finish_tensors`), config.json, index, tokenizer files, extra JSON files."""

@@ -76,9 +76,11 @@ def build_and_walk(session, writer_factory, prefetch=None) -> dict:
     stages = session.stage_seconds
     stages["setup"] = t0 - t_setup       # trainer, loggers, resume fingerprint
     gc_watch = GCWatch()
-    with (_atomic(out, cfg.output.overwrite)) as tmp, progress, _clear_on_user_error(resume), _closing(plotter), \
-            frozen_heap(), gc_watch:
+    writers = []                  # the checkpoint writer, abandoned before a failed run's directory is removed
+    with (_atomic(out, cfg.output.overwrite)) as tmp, _abandoning(writers), progress, _clear_on_user_error(resume), \
+            _closing(plotter), frozen_heap(), gc_watch:
         writer = writer_factory(tmp, solver.records) if tmp is not None else None
+        writers.extend([writer] if writer is not None else [])
         walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
                              on_layer_end=on_layer_end, progress=progress.group_done, resume=resume,
@@ -142,6 +144,18 @@ def _closing(workers):
     finally:
         for w in workers:
             w.close()
+
+
+@contextlib.contextmanager
+def _abandoning(writers):
+    """A failed run's checkpoint writer finishes its background shard write before the output's temporary
+    directory is removed (nothing may be written into it afterwards)."""
+    try:
+        yield
+    except BaseException:
+        for w in writers:
+            w.abandon()
+        raise
 
 
 def _resume_state(session, rank0, writes):

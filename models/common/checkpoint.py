@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -184,7 +185,8 @@ def _as_os_error(e: SafetensorError, path: Path) -> Exception:
 
 class ShardWriter:
     """Write (key, tensor) pairs to safetensors shards of at most `max_shard_size` bytes (a single tensor
-    larger than the limit gets its own shard). Only the current shard is held in memory.
+    larger than the limit gets its own shard). Only the current shard is held in memory (and, with
+    `background`, the one being written).
 
     >>> with ShardWriter(out_dir, "2GB") as w:          # doctest: +SKIP
     ...     for key, t in tensors: w.add(key, t)
@@ -192,7 +194,11 @@ class ShardWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, background: bool = False) -> None:
+        """background: full shards are written by a thread of the writer's own, so `add` returns while one is
+        going out (at most one in flight: the next full shard waits for it; its error is raised by the next
+        `add`, `close` or `wait`). The quantizing pipeline adds layers from its write thread, and a 1 GB shard
+        written there held up the walk's next layer by ~0.2 s (OLMoE-1B-7B shapes on an H200 host)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = parse_size(max_shard_size)
@@ -201,6 +207,8 @@ class ShardWriter:
         self._current_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []  # temporary file, keys
         self.total_bytes = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-write") if background else None
+        self._inflight: Future | None = None
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -211,19 +219,49 @@ class ShardWriter:
         self._current_bytes += nbytes
         self.total_bytes += nbytes
 
-    def _flush(self) -> None:
+    def _flush(self, last: bool = False) -> None:
         path = self.directory / f"shard-{len(self._shards):05d}.tmp"
+        tensors = self._current
+        self._shards.append((path, list(tensors)))
+        self._current, self._current_bytes = {}, 0
+        self.wait()
+        if self._pool is None or last:      # the last one: close() is waiting for it anyway
+            self._write(tensors, path)
+        else:
+            self._inflight = self._pool.submit(self._write, tensors, path)
+
+    def _write(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         try:
-            save_file(self._current, str(path), metadata=self.metadata)
+            save_file(tensors, str(path), metadata=self.metadata)
         except SafetensorError as e:
             raise _as_os_error(e, path) from None
-        self._shards.append((path, list(self._current)))
-        self._current, self._current_bytes = {}, 0
+
+    def wait(self) -> None:
+        """The shard being written in the background is on disk (its error, e.g. a full disk, raised here)."""
+        if self._inflight is not None:
+            future, self._inflight = self._inflight, None
+            future.result()
+
+    def abandon(self) -> None:
+        """A failed run: wait for the shard in flight (its error ignored) and end the thread, so nothing is
+        written into the directory after this returns (the caller removes it)."""
+        try:
+            self.wait()
+        except Exception:     # noqa: BLE001 - the run is failing for another reason; this one is moot
+            pass
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def close(self) -> list[Path]:
         """Flush, give the shards their final names, write the index if sharded; returns the shard paths."""
-        if self._current or not self._shards:
-            self._flush()
+        try:
+            if self._current or not self._shards:
+                self._flush(last=True)
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
         n = len(self._shards)
         names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         weight_map = {}
@@ -241,3 +279,5 @@ class ShardWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.abandon()
