@@ -308,7 +308,11 @@ def stage_ours(args, work: Path) -> dict:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-        prof = profile(activities=acts)
+        try:     # every thread's ops and ranges (layer writes, prefetch reads), not only the main thread's
+            from torch._C._profiler import _ExperimentalConfig
+            prof = profile(activities=acts, experimental_config=_ExperimentalConfig(profile_all_threads=True))
+        except (ImportError, TypeError):
+            prof = profile(activities=acts)
         prof.__enter__()
         from torch.profiler import record_function
 

@@ -23,6 +23,24 @@ def test_warmup_draws_no_random_numbers_and_solves_the_default_format(tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_the_triton_key_thread_is_joined_before_the_first_triton_kernel(tmp_path, monkeypatch):
+    """_warm waits for the thread computing Triton's installation key before its first Triton kernel (the two would
+    otherwise both compute it), and _triton_cache_key never raises (CI's CPU torch has no Triton)."""
+    import threading
+    import time
+
+    from alphaquant.models.common import kernels
+    cfg = load_config(_cfg(tmp_path), [])
+    done, seen = threading.Event(), []
+    key = threading.Thread(target=lambda: (time.sleep(0.2), done.set()))
+    real = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a, **k: (seen.append(done.is_set()), real(*a, **k))[1])
+    key.start()
+    warmup._warm(torch.device("cpu"), warmup._default_format(cfg), cfg, key)
+    assert seen == [True]
+    warmup._triton_cache_key()
+
+
 def test_the_kernels_are_warmed_at_the_models_widths(tmp_path):
     cfg = load_config(_cfg(tmp_path), [])
     assert warmup._widths(cfg) == (tiny.BASE["hidden_size"], tiny.FAMILIES["olmoe"]["num_experts_per_tok"])

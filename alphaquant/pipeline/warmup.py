@@ -28,11 +28,32 @@ def start_warmup(cfg) -> threading.Thread | None:
     if t.devices not in (1, "auto") or t.num_nodes != 1 or (t.devices == "auto" and torch.cuda.device_count() != 1):
         return None
     fmt = _default_format(cfg)
+    # Triton's key of its own installation, in a thread of its own from the start: it is file reads and hashing
+    # (no GIL held), while the warm-up thread creates the CUDA context and loads cuBLAS and the attention kernels
+    triton_key = threading.Thread(target=_triton_cache_key, name="triton-key")
+    triton_key.start()
     # not a daemon: an interpreter that exits (an error, a plan-only run) waits for it instead of tearing CUDA
     # down under it
-    thread = threading.Thread(target=_quietly, args=(torch.device("cuda", 0), fmt, cfg), name="gpu-warmup")
+    thread = threading.Thread(target=_quietly, args=(torch.device("cuda", 0), fmt, cfg, triton_key),
+                              name="gpu-warmup")
     thread.start()
     return thread
+
+
+def _triton_cache_key() -> None:
+    """Compute what the process's first Triton launch computes before anything else: the key of the Triton
+    installation for its on-disk kernel cache (a hash of Triton's sources and its ~100 MB library, cached for the
+    process) and the import of its `experimental.gluon` package. On an H200 host that was 0.35 + 0.12 s of the
+    warm-up's 1.08 s (.devjobs/warm_steps.py, cProfile of the warm-up alone), before its first Triton kernel."""
+    try:
+        try:
+            from triton.runtime.cache import triton_key
+        except ImportError:
+            from triton.compiler.compiler import triton_key
+        triton_key()
+        import triton.experimental.gluon  # noqa: F401
+    except Exception:     # noqa: BLE001 - another Triton (or none): its first launch does what it does
+        pass
 
 
 def _default_format(cfg):
@@ -48,17 +69,22 @@ def _default_format(cfg):
         return None
 
 
-def _quietly(device, fmt, cfg) -> None:
+def _quietly(device, fmt, cfg, triton_key: threading.Thread | None = None) -> None:
     try:
         with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
-            _warm(device, fmt, cfg)
+            _warm(device, fmt, cfg, triton_key)
             torch.cuda.current_stream().synchronize()
     except Exception:     # noqa: BLE001 - the run itself meets and reports any real failure
         pass
+    finally:
+        if triton_key is not None:      # joining the warm-up joins both
+            triton_key.join()
 
 
 @torch.no_grad()
-def _warm(device, fmt, cfg) -> None:
+def _warm(device, fmt, cfg, triton_key: threading.Thread | None = None) -> None:
+    """triton_key: the thread computing Triton's installation key (`_triton_cache_key`), joined before the first
+    Triton kernel here so the two do not both compute it."""
     dtype = getattr(torch, cfg.model.dtype, torch.bfloat16) if isinstance(cfg.model.dtype, str) else torch.bfloat16
     if dtype not in (torch.bfloat16, torch.float16):
         dtype = torch.bfloat16
@@ -82,6 +108,8 @@ def _warm(device, fmt, cfg) -> None:
     # loads) one program per block size and top-k, so a tiny width would warm a program the run never uses
     from alphaquant.models.common import kernels
     hidden, top_k = _widths(cfg)
+    if triton_key is not None:
+        triton_key.join()
     h = ramp(4, hidden).to(dtype)
     kernels.rms_norm(h, ramp(hidden).to(dtype), 1e-6)
     rows = torch.arange(4 * top_k, device=device).reshape(4, top_k)
