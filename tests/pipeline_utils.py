@@ -50,3 +50,22 @@ def assert_reads_back_exactly(model, loaded, vocab: int = 320) -> None:
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(model(ids), loaded(ids))
+
+
+def slow_save_file(monkeypatch, seconds: float):
+    """Checkpoint shards (models/common/checkpoint.py's save_file) written `seconds` late: (an Event set when a write
+    starts, the list of paths whose write finished)."""
+    import threading
+    import time
+
+    import models.common.checkpoint as ckpt_mod
+    real, started, done = ckpt_mod.save_file, threading.Event(), []
+
+    def slow(tensors, filename, metadata=None):
+        started.set()
+        time.sleep(seconds)
+        real(tensors, filename, metadata=metadata)
+        done.append(filename)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", slow)
+    return started, done

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from pipeline_utils import run_session, write_config
+from pipeline_utils import run_session, slow_save_file, write_config
 from tiny import make_checkpoint, write_corpus
 
 from alphaquant.errors import UserError
@@ -218,8 +218,10 @@ def test_config_and_side_files(work):
 
 
 # --- (d) atomic writes, overwrite -------------------------------------------------------------
-def test_failed_write_leaves_nothing(work, monkeypatch):
-    d = work / "fail"
+def _fails_at_layer_1(work, monkeypatch, name, before_failing=lambda: None):
+    """A run whose write of layer 1 fails (a simulated full disk): it raises, and leaves no output directory and no
+    temporary one."""
+    d = work / name
     d.mkdir()
     model = make_checkpoint("olmoe", d / "model")
     out = d / "out"
@@ -227,6 +229,7 @@ def test_failed_write_leaves_nothing(work, monkeypatch):
 
     def add_layer(self, i, tensors):          # runs on the background write thread
         if i == 1:
+            before_failing()
             raise RuntimeError("disk full (simulated)")
         return orig(self, i, tensors)
 
@@ -237,45 +240,21 @@ def test_failed_write_leaves_nothing(work, monkeypatch):
         run_session(cfg)
     assert not out.exists()
     assert not [p.name for p in d.iterdir() if p.name.startswith(".out.tmp-")]
+
+
+def test_failed_write_leaves_nothing(work, monkeypatch):
+    _fails_at_layer_1(work, monkeypatch, "fail")
 
 
 def test_failed_run_with_a_shard_in_flight_leaves_nothing(work, monkeypatch):
-    """Layer 2 fails while an earlier shard is still being written by the shard writer's own thread: the run
-    waits for that write before removing its temporary directory (nothing is written into it afterwards)."""
+    """Layer 1's write fails while an earlier shard is still being written by the shard writer's own thread: the
+    run waits for that write before removing its temporary directory (nothing is written into it afterwards)."""
     import threading
-    import time
 
-    import models.common.checkpoint as ckpt_mod
-    d = work / "fail_inflight"
-    d.mkdir()
-    model = make_checkpoint("olmoe", d / "model")
-    out = d / "out"
     _sharded(monkeypatch)
-    real, started, writes = ckpt_mod.save_file, threading.Event(), []
-
-    def slow(tensors, filename, metadata=None):
-        started.set()
-        time.sleep(0.5)
-        real(tensors, filename, metadata=metadata)
-        writes.append(filename)
-
-    monkeypatch.setattr(ckpt_mod, "save_file", slow)
-    orig = QuantizedCheckpointWriter.add_layer
-
-    def add_layer(self, i, tensors):          # runs on the pipeline's write thread
-        if i == 1:
-            assert started.wait(10)           # a shard is on its way out
-            raise RuntimeError("disk full (simulated)")
-        return orig(self, i, tensors)
-
-    monkeypatch.setattr(QuantizedCheckpointWriter, "add_layer", add_layer)
-    cfg = write_config(d / "c.yaml", model, write_corpus(d), quant=MIXED, eval={"enabled": False},
-                       calibration=FAST, output={"save": True, "dir": str(out)})
-    with pytest.raises(RuntimeError, match="disk full"):
-        run_session(cfg)
-    assert writes                             # the write in flight finished before the directory went
-    assert not out.exists()
-    assert not [p.name for p in d.iterdir() if p.name.startswith(".out.tmp-")]
+    started, writes = slow_save_file(monkeypatch, 0.5)
+    _fails_at_layer_1(work, monkeypatch, "fail_inflight", before_failing=lambda: started.wait(10))
+    assert started.is_set() and writes        # the write in flight finished before the directory went
     assert not any(t.name.startswith("shard-write") for t in threading.enumerate())
 
 

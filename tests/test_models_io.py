@@ -199,18 +199,9 @@ def test_background_shard_write_error_is_raised_by_the_writer(tmp_path, monkeypa
 def test_abandon_waits_for_the_shard_in_flight(tmp_path, monkeypatch):
     """After abandon() returns nothing more is written: the caller may remove the directory."""
     import threading
-    import time
 
-    import models.common.checkpoint as ckpt_mod
-    real, started, done = ckpt_mod.save_file, threading.Event(), []
-
-    def slow(tensors, filename, metadata=None):
-        started.set()
-        time.sleep(0.3)
-        real(tensors, filename, metadata=metadata)
-        done.append(filename)
-
-    monkeypatch.setattr(ckpt_mod, "save_file", slow)
+    from pipeline_utils import slow_save_file
+    started, done = slow_save_file(monkeypatch, 0.3)
     w = models.ShardWriter(tmp_path, max_shard_size=100, background=True)
     for i in range(3):
         w.add(f"t{i}", torch.full((10,), float(i)))
