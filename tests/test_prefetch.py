@@ -86,18 +86,6 @@ def test_background_read_error_is_raised_by_take():
         pf.close()
 
 
-def test_a_request_may_ask_for_pageable_memory():
-    ad = _Adapter()
-    pf = LayerPrefetcher(ad, model=None, n_layers=3, pin_memory=True)
-    try:
-        pf.request(0, pin=False)                       # the session's early read of layer 0
-        pf.request(1)
-        assert pf.take(0) == {"layer": 0} and pf.take(1) == {"layer": 1}
-    finally:
-        pf.close()
-    assert ad.calls == [(0, False, False), (1, True, False)]      # both in the background
-
-
 def test_matches_says_whether_it_reads_what_a_walk_would():
     ad, model = _Adapter(), object()
     made = []
@@ -152,7 +140,7 @@ def test_the_sessions_early_first_layer_read_is_what_the_walk_uses(olmoe_lazy, m
     def early(session):
         n = session.adapter.num_layers(session.model)
         pf = LayerPrefetcher(session.adapter, session.model, n if same else n + 1, pin_memory=False)
-        pf.request(0, pin=False)
+        pf.request(0)
         made.append(pf)
         return pf
     real_close = prefetch_mod.LayerPrefetcher.close

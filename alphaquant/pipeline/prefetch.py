@@ -35,19 +35,18 @@ class LayerPrefetcher:
         return cls(adapter, model, adapter.num_layers(model), pin_memory=on_gpu,
                    device=device if on_gpu and not cache_on_host else None)
 
-    def request(self, i: int, pin: bool | None = None) -> None:
-        """Start reading layer i (no-op past the last layer or if already asked); pin: page-locked host memory
-        for it (default: the prefetcher's setting)."""
+    def request(self, i: int) -> None:
+        """Start reading layer i (no-op past the last layer or if already asked)."""
         if 0 <= i < self.n and i not in self._pending:
-            self._pending[i] = self._pool.submit(self._read, i, self.pin if pin is None else pin)
+            self._pending[i] = self._pool.submit(self._read, i)
 
     def matches(self, other: "LayerPrefetcher") -> bool:
         """Reads the same layers of the same model to the same place (and pins them alike) as `other`."""
         return (self.adapter is other.adapter and self.model is other.model and self.n == other.n
                 and self.device == other.device and self.pin == other.pin)
 
-    def _read(self, i: int, pin: bool):
-        tensors = self.adapter.read_layer(self.model, i, pin)
+    def _read(self, i: int):
+        tensors = self.adapter.read_layer(self.model, i, self.pin)
         if self.device is None or tensors is None:
             return tensors
         try:

@@ -44,7 +44,8 @@ def _triton_cache_key() -> None:
     """Compute what the process's first Triton launch computes before anything else: the key of the Triton
     installation for its on-disk kernel cache (a hash of Triton's sources and its ~100 MB library, cached for the
     process) and the import of its `experimental.gluon` package. On an H200 host that was 0.35 + 0.12 s of the
-    warm-up's 1.08 s (.devjobs/warm_steps.py, cProfile of the warm-up alone), before its first Triton kernel."""
+    warm-up's 1.08 s (bench/results/warmup_profile_h200_s13.txt, cProfile of the warm-up alone), before its
+    first Triton kernel."""
     try:
         try:
             from triton.runtime.cache import triton_key
