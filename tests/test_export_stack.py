@@ -98,21 +98,37 @@ def test_to_host_gives_own_storage_on_cpu():
     _check_to_host("cpu")
 
 
+def _staged(device, staging_bytes):
+    from alphaquant.export.writer import host_transfers, transfer_plan
+
+    def copy(tensors):
+        out = host_transfers(transfer_plan(tensors), pinned=device == "cuda", staging_bytes=staging_bytes)
+        return {k: out[k] if k != "again" else out[k].clone() for k in tensors}     # to_host's own de-duplication
+    return copy
+
+
+@pytest.mark.parametrize("staging_bytes", [64, 200, 1 << 20])
+def test_staged_transfers_in_many_batches_give_the_tensors(staging_bytes):
+    """The staging path on host tensors (plain buffers, synchronous copies): with buffers of 64 bytes every source
+    is a batch of its own and the two buffers alternate many times; a buffer reused before its batch was read out
+    would hand back the next batch's bytes."""
+    _check_to_host("cpu", _staged("cpu", staging_bytes))
+
+
+def test_transfer_plan_copies_shared_storage_once():
+    from alphaquant.export.writer import transfer_plan
+    plan = transfer_plan(_shared_tensors("cpu"))
+    # one source per shared stack (w, c, z), one for the slice of the big storage, one each for "alone" and
+    # "again" (the same tensor under two keys)
+    assert len(plan) == 6
+    assert sorted(len(users) for _, users in plan) == [1, 1, 1, 4, 4, 4]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_to_host_copies_shared_device_storage_once(monkeypatch):
-    from alphaquant.export import writer
-    calls = []
-    real = writer.device_to_host
-
-    def counted(tensors):                  # device-to-host transfers made by to_host itself
-        with monkeypatch.context() as m:
-            m.setattr(writer, "device_to_host", lambda t: calls.append(t.numel()) or real(t))
-            return to_host(tensors)
-    _check_to_host("cuda", counted)
-    # one transfer per shared stack (w, c, z), one for the slice of the big storage, one each for
-    # "alone" and "again" (the same tensor under two keys)
-    assert len(calls) == 6, calls
+@pytest.mark.parametrize("staging_bytes", [64, None])
+def test_to_host_copies_device_tensors_through_staging(staging_bytes):
+    _check_to_host("cuda", to_host if staging_bytes is None else _staged("cuda", staging_bytes))
 
 
 def test_kept_tensors_the_model_holds_wider_keep_their_dtype():
@@ -133,3 +149,19 @@ def test_kept_tensors_the_model_holds_wider_keep_their_dtype():
     assert out["model.layers.0.router.weight"].dtype == torch.float32
     assert torch.equal(out["model.layers.0.router.weight"], layer.router.weight)
     assert out["model.layers.0.router.e_score_correction_bias"].dtype == torch.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_staging_warmed_before_the_walk_is_reused_by_a_layer_write():
+    """warm_host_staging leaves two staging buffers in torch's pinned-memory cache; a layer's worth of stacks (each
+    the staging size) then goes to the host without page-locking any new memory."""
+    from alphaquant.export.writer import STAGING_BYTES, warm_host_staging
+    warm_host_staging()
+    before = torch.cuda.host_memory_stats()["num_host_alloc"]
+    stacks = [torch.full((32, STAGING_BYTES // 128), n, dtype=torch.int32, device="cuda") for n in range(6)]
+    tensors = {f"s{n}.e{j}": s[j] for n, s in enumerate(stacks) for j in range(32)}
+    host = to_host(tensors)
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] == before
+    assert all(torch.equal(host[k], t.cpu()) for k, t in tensors.items())
+    assert not any(h.is_pinned() for h in host.values())

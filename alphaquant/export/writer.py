@@ -263,6 +263,11 @@ STACK_CODES = 1 << 26
 """Codes compressed in one stack (64M: 32 OLMoE experts' gate or up; a few hundred MB of temporaries)."""
 
 
+STAGING_BYTES = 32 << 20
+"""Bytes of each of to_host's two page-locked staging buffers (a larger source gets buffers of its size): one
+32-expert stack of OLMoE-1B-7B's int4 codes."""
+
+
 def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Host copies, each with its own storage (safetensors refuses shared ones), in few transfers.
 
@@ -271,56 +276,125 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     tensor (a MoE layer has ~800 of them). A storage is copied whole only when the views cover
     most of it; anything else is copied on its own.
 
-    Device tensors go into pinned host memory, queued on the current stream, with one wait for that
-    stream at the end. `.cpu()` into pageable memory took the driver's copy path that blocks other
-    threads' CUDA calls: on the write thread it stalled the walker's kernel launches and host reads
-    for ~100 ms per MoE layer (profiled on an H200)."""
-    used: dict[int, int] = {}
-    for t in tensors.values():
-        if t.device.type != "cpu":
-            key = t.untyped_storage().data_ptr()
-            used[key] = used.get(key, 0) + t.numel() * t.element_size()
-    whole: dict[int, torch.Tensor] = {}
-    copied: dict[str, torch.Tensor] = {}
-    devices = set()
-    for k, t in tensors.items():          # queue every transfer first, wait once
-        if t.device.type == "cpu":
-            continue
-        devices.add(t.device)
-        st = t.untyped_storage()
-        if st.nbytes() == t.numel() * t.element_size() or 2 * used[st.data_ptr()] < st.nbytes():
-            copied[k] = device_to_host(t)             # a copy of t alone, in storage of its own
-        elif st.data_ptr() not in whole:
-            whole[st.data_ptr()] = device_to_host(torch.empty(0, dtype=torch.uint8, device=t.device).set_(st))
-    for device in devices:
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-    out = {}
+    A CUDA transfer goes through page-locked staging (`host_transfers`), and the copies handed back are ordinary
+    memory. `.cpu()` into pageable memory took the driver's copy path that blocks other threads' CUDA calls: on
+    the write thread it stalled the walker's kernel launches and host reads for ~100 ms per MoE layer; a
+    page-locked copy of the whole layer instead page-locked ~200 MB of new memory while the walk computed its
+    second layer (0.16 s of that layer on an H200 host, bench/results/threads_h200_s13.txt)."""
+    out: dict[str, torch.Tensor] = {}
+    on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
-        st = t.untyped_storage()
         if t.device.type == "cpu":
-            out[k] = t if st.nbytes() == t.numel() * t.element_size() else t.clone()
-        elif k in copied:
-            out[k] = copied[k]
+            out[k] = t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
         else:
-            host = whole[st.data_ptr()].untyped_storage()
-            out[k] = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.shape, t.stride()).clone()
+            on_device.setdefault(t.device, {})[k] = t
+    for device, group in on_device.items():
+        out.update(host_transfers(transfer_plan(group), pinned=device.type == "cuda"))
     seen: set[int] = set()
-    for k, h in out.items():             # one tensor under two keys (stacked linears share a g_idx)
+    for k in tensors:                    # one tensor under two keys (stacked linears share a g_idx)
+        h = out[k]
         if h.untyped_storage().data_ptr() in seen:
             out[k] = h = h.clone()
         seen.add(h.untyped_storage().data_ptr())
+    return {k: out[k] for k in tensors}
+
+
+def transfer_plan(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]]:
+    """[(source, [(key, tensor), ...])]: what to copy over and the tensors each copy serves. A source is a
+    whole storage as flat bytes when its views cover at least half of it (each tensor is then read out of the
+    copy at its own offset), else one tensor."""
+    used: dict[int, int] = {}
+    for t in tensors.values():
+        key = t.untyped_storage().data_ptr()
+        used[key] = used.get(key, 0) + t.numel() * t.element_size()
+    plan, whole = [], {}
+    for k, t in tensors.items():
+        st = t.untyped_storage()
+        if st.nbytes() == t.numel() * t.element_size() or 2 * used[st.data_ptr()] < st.nbytes():
+            plan.append((t, [(k, t)]))
+        elif st.data_ptr() in whole:
+            whole[st.data_ptr()][1].append((k, t))
+        else:
+            whole[st.data_ptr()] = (torch.empty(0, dtype=torch.uint8, device=t.device).set_(st), [(k, t)])
+            plan.append(whole[st.data_ptr()])
+    return plan
+
+
+def host_transfers(plan, pinned: bool, staging_bytes: int = STAGING_BYTES) -> dict[str, torch.Tensor]:
+    """{key: host copy in storage of its own} for a `transfer_plan` of one device's tensors.
+
+    Sources are packed into batches that fit a staging buffer; two buffers alternate, so one batch's copies run
+    on the current stream while the previous batch is read out of its buffer (one wait per batch). Pinned: the
+    buffers are page-locked and the copies asynchronous (CUDA); torch's pinned-memory cache keeps the buffers
+    from one call to the next, so page-locking them is paid once per process (`warm_host_staging`)."""
+    aligned = lambda n: -(-n // 64) * 64           # noqa: E731 - any dtype's view may start at a batch offset
+    capacity = max([staging_bytes] + [aligned(_nbytes(src)) for src, _ in plan])
+    batches, batch, used = [], [], 0
+    for src, users in plan:
+        n = aligned(_nbytes(src))
+        if batch and used + n > capacity:
+            batches.append(batch)
+            batch, used = [], 0
+        batch.append((src, users, used))
+        used += n
+    if batch:
+        batches.append(batch)
+    out: dict[str, torch.Tensor] = {}
+    buffers: list[torch.Tensor] = []
+    pending = None
+    for b, batch in enumerate(batches):
+        if len(buffers) < 2:
+            buffers.append(torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned))
+        buf = buffers[b % 2]          # its last batch (b - 2) was read out when batch b - 1 was queued
+        for src, _users, offset in batch:
+            _view(buf, offset, src.dtype, src.shape, _contiguous_strides(src.shape)).copy_(src, non_blocking=pinned)
+        done = None
+        if pinned:
+            done = torch.cuda.Event()
+            done.record()
+        if pending is not None:
+            _read_out(*pending, out)
+        pending = (batch, buf, done)
+    if pending is not None:
+        _read_out(*pending, out)
     return out
 
 
-def device_to_host(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous host copy of device tensor t: pinned and queued on the current stream for CUDA (valid once
-    that stream is synchronised), else `t.cpu()`."""
-    if t.device.type != "cuda":
-        return t.cpu()
-    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    h.copy_(t, non_blocking=True)
-    return h
+def _read_out(batch, buf, done, out) -> None:
+    if done is not None:
+        done.synchronize()
+    for src, users, offset in batch:
+        for k, t in users:
+            if t is src:                              # a tensor copied on its own, contiguously
+                out[k] = _view(buf, offset, t.dtype, t.shape, _contiguous_strides(t.shape)).clone()
+            else:                                     # a view of a storage copied whole, as flat bytes
+                start = offset + t.storage_offset() * t.element_size()
+                out[k] = _view(buf, start, t.dtype, t.shape, t.stride()).clone()
+
+
+def _view(buf: torch.Tensor, offset: int, dtype, shape, stride) -> torch.Tensor:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(buf.untyped_storage(), offset // itemsize, shape, stride)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, n = [], 1
+    for d in reversed(tuple(shape)):
+        strides.append(n)
+        n *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def warm_host_staging() -> None:
+    """Page-lock to_host's two staging buffers of the usual size now and leave them in torch's pinned-memory
+    cache (a CUDA run, while the main thread waits for the GPU warm-up): the first layer write then reuses
+    them instead of page-locking memory while the walk runs."""
+    buffers = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    del buffers
 
 
 def _stack_params(ps: list):
@@ -338,4 +412,5 @@ def _params_to(p, device):
     return QParams(to(p.scale), to(p.zero), {k: to(v) if torch.is_tensor(v) else v for k, v in p.extra.items()})
 
 
-__all__ = ["LayerCompressor", "QuantizedCheckpointWriter", "DequantizedCheckpointWriter", "TOKENIZER_FILES", "to_host"]
+__all__ = ["LayerCompressor", "QuantizedCheckpointWriter", "DequantizedCheckpointWriter", "TOKENIZER_FILES", "to_host",
+           "warm_host_staging"]

@@ -53,14 +53,19 @@ def build_and_walk(session, writer_factory, prefetch=None) -> dict:
     progress = LayerProgress(n_layers, enabled=rank0, label=label)
 
     plotter = []                  # a GPU run's PlotWorkers (plots.py), started after the first layer
+    plot_to = []                  # the plots' directory (inside the checkpoint's temporary directory)
 
     def on_layer_end(i, stats):
         if draws and i == 0:      # matplotlib's one-time costs, after the first layer's own warm-up: in a child
-            if trainer.strategy.root_device.type == "cuda":     # process beside a GPU walk, else in a thread
+            if plots_in_children(trainer):                      # process beside a GPU walk, else in a thread
                 plotter.append(PlotWorkers())
             else:
                 preload_pyplot()
         stats.phases["gc"] = gc_watch.take()      # collector seconds during the layer (inside its phases' times)
+        if plotter and plot_to and i == n_layers - 1:     # every record is final: the children draw beside the
+            plotter[0].start({"layers": layer_error_table(solver.records, walker.layer_stats),   # last write
+                              "experts": expert_token_table(solver.records, cfg.calibration.min_tokens_warn)},
+                             plot_to[0])
         rows = layer_error_table({k: r for k, r in solver.records.items()}, [stats])
         progress.layer_done(i, stats, mean_error=rows[0]["mean_rel_error"])
         for lg in loggers:
@@ -81,6 +86,7 @@ def build_and_walk(session, writer_factory, prefetch=None) -> dict:
             _closing(plotter), frozen_heap(), gc_watch:
         writer = writer_factory(tmp, solver.records) if tmp is not None else None
         writers.extend([writer] if writer is not None else [])
+        plot_to.extend([plots_dir(session, tmp)] if draws else [])
         walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
                              on_layer_end=on_layer_end, progress=progress.group_done, resume=resume,
@@ -109,7 +115,7 @@ def build_and_walk(session, writer_factory, prefetch=None) -> dict:
             # the last shard is written while the plots are drawn (disk vs. matplotlib)
             tensors = pool.submit(writer.finish_tensors) if writer is not None else None
             if rank0 and plots_dir(session, tmp) is not None:
-                directory = plots_dir(session, tmp)
+                directory = plots_dir(session, tmp)     # drawn since the last layer (start) unless the data moved
                 drawn = plotter[0].draw(results, directory) if plotter else save_plots(results, directory)
                 log_plots(loggers, {k: str(v) for k, v in drawn.items()})
                 # the summary names where the plots will be once the temporary directory is renamed into place
@@ -193,6 +199,12 @@ def _clear_on_user_error(resume):
         if resume is not None:
             resume.clear()
         raise
+
+
+def plots_in_children(trainer) -> bool:
+    """The plots are drawn by child processes (PlotWorkers) on a GPU run: its host cores are otherwise idle, while a
+    CPU run's walk needs them."""
+    return trainer.strategy.root_device.type == "cuda"
 
 
 def plots_dir(session, tmp):

@@ -6,8 +6,10 @@ On a GPU run they are drawn by `PlotWorkers`, one child Python process per figur
 matplotlib's import and first figure (~1 s) and the drawing itself (~0.2-0.4 s of pure Python) then run on other
 cores, both figures at once, instead of sharing the GIL with the layer walk and with the last shard's write at the end (in a thread, the
 import stalled the walk's second layer by ~0.3 s and the drawing took 0.5-1.1 s beside the write on an H200
-host). This file is the child's program too (`python plots.py --serve`: it imports matplotlib and nothing of
-alphaquant). CPU runs draw in-process (a thread warms pyplot up after the first layer).
+host). The figures' data (errors and token counts) is final once the last layer is solved, so the walk hands it to
+the children then (`PlotWorkers.start`) and they draw while the last layer is written; the end of the run only
+collects the files. This file is the child's program too (`python plots.py --serve`: it imports matplotlib and
+nothing of alphaquant). CPU runs draw in-process (a thread warms pyplot up after the first layer).
 """
 from __future__ import annotations
 
@@ -63,6 +65,17 @@ def _warm_figure():
 
 FIGURES = ("layer_error", "tokens_per_expert")
 _NEEDS = {"layer_error": "layers", "tokens_per_expert": "experts"}     # the part of the results each figure draws
+_FIELDS = {"layers": ("layer", "mean_rel_error", "max_rel_error"), "experts": ("block", "counts")}  # what it reads
+
+
+def plot_data(results: dict, figures: tuple[str, ...] = FIGURES) -> dict:
+    """The part of a run's results that `figures` draw (save_plots draws the same from it as from the results):
+    what a worker is sent, and what tells whether the figures it drew early are still the run's."""
+    out = {}
+    for f in figures:
+        part = _NEEDS[f]
+        out[part] = [{k: row[k] for k in _FIELDS[part]} for row in results.get(part) or []]
+    return out
 
 
 class PlotWorker:
@@ -85,7 +98,7 @@ class PlotWorker:
     def send(self, results: dict, directory: Path) -> None:
         if self.proc is None:
             raise OSError("no plot worker")
-        request = {"results": {_NEEDS[f]: results[_NEEDS[f]] for f in self.figures}, "only": list(self.figures),
+        request = {"results": plot_data(results, self.figures), "only": list(self.figures),
                    "directory": str(directory)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
@@ -114,8 +127,13 @@ class PlotWorkers:
 
     def __init__(self, groups: tuple[tuple[str, ...], ...] = tuple((f,) for f in FIGURES)):
         self.workers = [PlotWorker(g) for g in groups]
+        self._sent: tuple[dict, Path, list[PlotWorker]] | None = None     # start's request and its workers
 
-    def draw(self, results: dict, directory: Path) -> dict[str, Path]:
+    def start(self, results: dict, directory: Path) -> None:
+        """Have the workers draw these results now (their one request); `draw` with the same figures' data and
+        directory then only collects the files."""
+        if self._sent is not None:
+            return
         sent = []
         for w in self.workers:
             try:
@@ -123,6 +141,15 @@ class PlotWorkers:
                 sent.append(w)
             except (OSError, ValueError, TypeError, KeyError):
                 w.close()
+        self._sent = (plot_data(results), Path(directory), sent)
+
+    def draw(self, results: dict, directory: Path) -> dict[str, Path]:
+        if self._sent is None:
+            self.start(results, directory)
+        data, where, sent = self._sent
+        if data != plot_data(results) or where != Path(directory):     # drawn from other data: not these plots
+            self.close()
+            return save_plots(results, directory)
         out, ok = {}, set()
         for w in sent:
             try:

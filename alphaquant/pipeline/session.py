@@ -100,8 +100,11 @@ class CalibrationSession:
                 self.windows = build_windows(cfg, tokenizer, vocab_size=mc.vocab_size,
                                              max_pos=getattr(mc, "max_position_embeddings", None), model=self.model)
                 self.stage_seconds["data"] = time.perf_counter() - t0
-            finally:     # the warm-up (prepare's) overlapped the data stage; none of it runs beside the walk
                 t0 = time.perf_counter()
+                if self._warmup is not None and (cfg.output.save or cfg.output.resume):
+                    from alphaquant.export.writer import warm_host_staging
+                    warm_host_staging()     # the layer writes' page-locked staging, while this thread waits anyway
+            finally:     # the warm-up (prepare's) overlapped the data stage; none of it runs beside the walk
                 join_warmup(self._warmup)
                 self._warmup = None
                 self.stage_seconds["warmup"] = time.perf_counter() - t0    # the wait for it after the data
