@@ -377,8 +377,11 @@ def stage_ours(args, work: Path) -> dict:
         split["gc"] = gc_seconds
         layers.append({"layer": row["layer"], "seconds": row["seconds"], **split, "passes": row.get("passes", {}),
                        "mean_rel_error_proxy": row["mean_rel_error"], "fallbacks": row["fallbacks"]})
+    from alphaquant.pipeline import warmup
     return {"seconds_end_to_end": t2 - t0, "seconds_prepare": t1 - t0, "seconds_run": t2 - t1,
-            "stage_seconds": res.get("stage_seconds", {}), "solve_seconds": res["solve_seconds"], "layers": layers,
+            "stage_seconds": res.get("stage_seconds", {}),
+            # when each step of the GPU warm-up thread ended, in seconds from the session's start
+            "warmup_timeline": {step: t - t0 for step, t in warmup.TIMELINE}, "solve_seconds": res["solve_seconds"], "layers": layers,
             "gc": res.get("gc"), "memory": memory(args.device),
             "checkpoint_gib": sum(f.stat().st_size for f in (work / our_out_name(args)).glob("*.safetensors")) / 2**30,
             "devices": args.devices, "memory_per_rank": [

@@ -312,3 +312,24 @@ def test_sharded_checkpoint_reads_back(work):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     a = logits(s.model)
     assert (a - logits(hf)).abs().max() <= 1e-2 * a.abs().max()
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_the_last_layer_of_a_sharded_checkpoint_gets_shards_of_its_own(tmp_path, layers):
+    """Once a checkpoint is sharded anyway, what the writer holds when one layer is left goes out then, so the end of
+    the run writes that layer alone; a checkpoint that fits one shard stays one file. Layers of 400 bytes, shards of
+    at most 1000: without the early roll, layers 2 and 3 of four would share the last shard."""
+    from alphaquant import models
+    model = models.from_pretrained(make_checkpoint("olmoe", tmp_path / "m", num_hidden_layers=layers), lazy=True)
+    w = QuantizedCheckpointWriter(tmp_path / "out", model, {}, {}, max_shard_size=1000)
+    for i in range(layers):
+        w.add_layer(i, {f"model.layers.{i}.w": torch.full((100,), float(i))})
+    w.shards.close()
+    if layers == 2:
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.safetensors"]
+        return
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == {"model.layers.0.w": "model-00001-of-00003.safetensors",
+                     "model.layers.1.w": "model-00001-of-00003.safetensors",
+                     "model.layers.2.w": "model-00002-of-00003.safetensors",
+                     "model.layers.3.w": "model-00003-of-00003.safetensors"}

@@ -150,6 +150,24 @@ def test_shard_writer_rolls_at_size(tmp_path):
     assert torch.equal(reader.read("t4"), torch.full((10,), 4.0))
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_shard_writer_roll_ends_the_current_shard(tmp_path, background):
+    w = models.ShardWriter(tmp_path, max_shard_size=1000, background=background)
+    w.roll()                                            # nothing held: no empty shard
+    w.add("a", torch.zeros(10))
+    w.roll()
+    assert w.shards_started == 1
+    w.roll()
+    w.add("b", torch.ones(10))
+    w.add("c", torch.ones(10))
+    w.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+                     "c": "model-00002-of-00002.safetensors"}
+    reader = models.CheckpointReader(tmp_path)
+    assert torch.equal(reader.read("a"), torch.zeros(10)) and torch.equal(reader.read("c"), torch.ones(10))
+
+
 def _roll(writer, n=5):
     for i in range(n):
         writer.add(f"t{i}", torch.full((10,), float(i)))  # 40 bytes each -> 2 per shard at 100 bytes

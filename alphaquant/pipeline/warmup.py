@@ -16,8 +16,17 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import torch
+
+TIMELINE: list[tuple[str, float]] = []
+"""The last warm-up's steps as (name, time.perf_counter() at its end), from "start": what bench/e2e.py reports of
+the warm-up thread beside the model load (diagnostics; nothing reads it to decide anything)."""
+
+
+def _mark(step: str) -> None:
+    TIMELINE.append((step, time.perf_counter()))
 
 
 def start_warmup(cfg) -> threading.Thread | None:
@@ -71,8 +80,11 @@ def _default_format(cfg):
 
 
 def _quietly(device, fmt, cfg, triton_key: threading.Thread | None = None) -> None:
+    TIMELINE.clear()
+    _mark("start")
     try:
         with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            _mark("context")
             _warm(device, fmt, cfg, triton_key)
             torch.cuda.current_stream().synchronize()
     except Exception:     # noqa: BLE001 - the run itself meets and reports any real failure
@@ -80,6 +92,7 @@ def _quietly(device, fmt, cfg, triton_key: threading.Thread | None = None) -> No
     finally:
         if triton_key is not None:      # joining the warm-up joins both
             triton_key.join()
+        _mark("end")
 
 
 @torch.no_grad()
@@ -105,21 +118,25 @@ def _warm(device, fmt, cfg, triton_key: threading.Thread | None = None) -> None:
     if gmm is not None:
         gmm(x, ramp(2, 256, 256).to(dtype).transpose(-2, -1), offs=torch.tensor([128, 256], device=device,
                                                                                dtype=torch.int32))
+    _mark("forward kernels")
     # the decoder layer's Triton kernels (models/common/kernels.py) at the model's own widths: Triton compiles (or
     # loads) one program per block size and top-k, so a tiny width would warm a program the run never uses
     from alphaquant.models.common import kernels
     hidden, top_k = _widths(cfg)
     if triton_key is not None:
         triton_key.join()
+    _mark("triton key")
     h = ramp(4, hidden).to(dtype)
     kernels.rms_norm(h, ramp(hidden).to(dtype), 1e-6)
     rows = torch.arange(4 * top_k, device=device).reshape(4, top_k)
     kernels.weighted_combine(ramp(4 * top_k, hidden).to(dtype), ramp(4 * top_k).to(dtype), rows)
     # Hessians: half-precision products with float32 output, the routing-weighted split (a Triton kernel)
     from alphaquant.gptq.hessian import HessianState
+    _mark("layer triton kernels")
     state = HessianState.zeros(256, device=device)
     state.add(x, weight=ramp(256).abs().add(0.1))
     state.add(x)
+    _mark("hessians")
     if fmt is None:
         return
     # the solve: Cholesky, triangular solves, the scale search and sweep kernels
@@ -129,6 +146,7 @@ def _warm(device, fmt, cfg, triton_key: threading.Thread | None = None) -> None:
     W = ramp(2, 16, 256)
     # cuda_graph off: capturing a graph here would forbid the main thread's CUDA calls meanwhile
     gptq_quantize(W, H, fmt, **solver_options(cfg.gptq), cuda_graph=False)
+    _mark("solve")
 
 
 def _widths(cfg) -> tuple[int, int]:

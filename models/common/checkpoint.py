@@ -219,6 +219,17 @@ class ShardWriter:
         self._current_bytes += nbytes
         self.total_bytes += nbytes
 
+    @property
+    def shards_started(self) -> int:
+        """Shards handed out so far (written or being written); the current one is not counted."""
+        return len(self._shards)
+
+    def roll(self) -> None:
+        """End the current shard now (written in the background with `background`); the next `add` starts a
+        new one. A no-op while the current shard is empty."""
+        if self._current:
+            self._flush()
+
     def _flush(self, last: bool = False) -> None:
         path = self.directory / f"shard-{len(self._shards):05d}.tmp"
         tensors = self._current
