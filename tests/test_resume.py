@@ -40,6 +40,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# train_quant.py killed (SIGKILL) as it finishes the checkpoint, after the last layer: the last shard, config and JSON
+KILLED_IN_FINISH = """
+import os, signal, sys
+from alphaquant.export import writer
+def finish_then_die(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+writer.QuantizedCheckpointWriter.finish = finish_then_die
+from alphaquant.app import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _cmd(cfg: Path, *, kill_at: int | None = None):
     """`python train_quant.py --config cfg` (or the KILLER script) in its own process, forked from one that has
     done the imports (tests/prewarmed.py: OMP_NUM_THREADS=1, the repository on PYTHONPATH)."""
@@ -96,6 +108,24 @@ def test_sigkill_then_rerun_is_bit_identical(setup, kill_at):
     assert {n: (m["tokens"], m["rel_error"]) for n, m in a["modules"].items()} == \
         {n: (m["tokens"], m["rel_error"]) for n, m in b["modules"].items()}
     assert [r["restored"] for r in b["layers"]] == [i <= kill_at for i in range(LAYERS)]
+
+
+def test_killed_after_the_last_layer_resumes_the_layers_before_it(setup):
+    """The last layer's resume state is not written (the complete checkpoint would remove it at once): a run killed
+    while it finishes the checkpoint leaves layers 0 to n-2, and the rerun solves the last one again, bit for bit."""
+    tmp, config = setup
+    cfg = config("killed_in_finish")
+    proc = prewarmed.run(["--config", cfg], cwd=cfg.parent, script=KILLED_IN_FINISH)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state_dir = tmp / ".killed_in_finish.resume"
+    assert json.loads((state_dir / "state.json").read_text())["layers_done"] == LAYERS - 1
+    assert not (state_dir / f"layer_{LAYERS - 1:05d}.safetensors").exists()
+    proc = _cmd(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming: layers 0-{LAYERS - 2}" in proc.stdout
+    assert not state_dir.exists() and not list(tmp.glob(".killed_in_finish.tmp-*"))
+    ref, got = _files(tmp / "uninterrupted"), _files(tmp / "killed_in_finish")
+    assert ref.keys() == got.keys() and all(ref[k] == got[k] for k in ref)
 
 
 def test_resume_state_of_another_recipe_is_discarded(setup):

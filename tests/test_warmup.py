@@ -25,20 +25,45 @@ def test_warmup_draws_no_random_numbers_and_solves_the_default_format(tmp_path):
 
 def test_the_triton_key_thread_is_joined_before_the_first_triton_kernel(tmp_path, monkeypatch):
     """_warm waits for the thread computing Triton's installation key before its first Triton kernel (the two would
-    otherwise both compute it), and _triton_cache_key never raises (CI's CPU torch has no Triton)."""
+    otherwise both compute it), runs the solve's Triton-free linear algebra before that wait, and
+    _triton_cache_key never raises (CI's CPU torch has no Triton)."""
     import threading
     import time
 
+    from alphaquant.gptq import solver
     from alphaquant.models.common import kernels
     cfg = load_config(_cfg(tmp_path), [])
-    done, seen = threading.Event(), []
-    key = threading.Thread(target=lambda: (time.sleep(0.2), done.set()))
-    real = kernels.rms_norm
+    done, seen, prepared = threading.Event(), [], []
+    key = threading.Thread(target=lambda: (time.sleep(2.0), done.set()))
+    real, real_prepare = kernels.rms_norm, solver._prepare_hessian
     monkeypatch.setattr(kernels, "rms_norm", lambda *a, **k: (seen.append(done.is_set()), real(*a, **k))[1])
+    monkeypatch.setattr(solver, "_prepare_hessian",
+                        lambda *a, **k: (prepared.append(done.is_set()), real_prepare(*a, **k))[1])
     key.start()
     warmup._warm(torch.device("cpu"), warmup._default_format(cfg), cfg, key)
     assert seen == [True]
+    assert prepared == [False, True]         # before the key (its own step), then inside the Triton solve
     warmup._triton_cache_key()
+
+
+def test_the_switch_interval_is_short_until_the_warmup_is_joined():
+    import sys
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        warmup._switch_often()
+        warmup._switch_often()                       # once: the saved interval stays the user's
+        assert sys.getswitchinterval() == pytest.approx(warmup.SWITCH_INTERVAL_S)
+        warmup.join_warmup(None)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        warmup.join_warmup(None)                     # nothing to restore twice
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        sys.setswitchinterval(0.0001)                # a shorter interval of the user's own is kept
+        warmup._switch_often()
+        assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
+        warmup.join_warmup(None)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_the_kernels_are_warmed_at_the_models_widths(tmp_path):

@@ -37,6 +37,7 @@ def start_warmup(cfg) -> threading.Thread | None:
     if t.devices not in (1, "auto") or t.num_nodes != 1 or (t.devices == "auto" and torch.cuda.device_count() != 1):
         return None
     fmt = _default_format(cfg)
+    _switch_often()
     # Triton's key of its own installation, in a thread of its own from the start: it is file reads and hashing
     # (no GIL held), while the warm-up thread creates the CUDA context and loads cuBLAS and the attention kernels
     triton_key = threading.Thread(target=_triton_cache_key, name="triton-key")
@@ -47,6 +48,33 @@ def start_warmup(cfg) -> threading.Thread | None:
                               name="gpu-warmup")
     thread.start()
     return thread
+
+
+SWITCH_INTERVAL_S = 0.0005
+"""Python's thread switch interval from the warm-up's start until it is joined (the default is 5 ms)."""
+
+_saved_interval: float | None = None
+
+
+def _switch_often() -> None:
+    """Until `join_warmup`, a thread waiting for the GIL gets it after 0.5 ms instead of 5 ms. The warm-up and
+    Triton-key threads give the GIL up at every torch op and every 1 MB hashed, and the main thread holds it
+    while it builds the model: each reacquisition waited up to the interval. Hashing 100 MB in 1 MB chunks beside
+    a busy Python thread took 1.07 s at 5 ms and 0.19 s at 0.5 ms (0.06 s alone); on an H200 host the key
+    thread took ~0.9-1.1 s (0.47 s alone) and the warm-up ended ~1.7 s after its start (~1.0 s alone)."""
+    import sys
+    global _saved_interval
+    if _saved_interval is None:
+        _saved_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(_saved_interval, SWITCH_INTERVAL_S))
+
+
+def _switch_as_before() -> None:
+    import sys
+    global _saved_interval
+    if _saved_interval is not None:
+        sys.setswitchinterval(_saved_interval)
+        _saved_interval = None
 
 
 def _triton_cache_key() -> None:
@@ -119,6 +147,20 @@ def _warm(device, fmt, cfg, triton_key: threading.Thread | None = None) -> None:
         gmm(x, ramp(2, 256, 256).to(dtype).transpose(-2, -1), offs=torch.tensor([128, 256], device=device,
                                                                                dtype=torch.int32))
     _mark("forward kernels")
+    # While Triton's key thread is still hashing (~0.6 s beside the model load on an H200 host): what needs no
+    # Triton kernel. The Hessian's half-precision products, and the solve's input checks and damped inverse
+    # factor (Cholesky, triangular solves: gptq/solver.py's own first steps, on the same shapes as below)
+    from alphaquant.gptq import solver
+    from alphaquant.gptq.hessian import HessianState
+    state = HessianState.zeros(256, device=device)
+    state.add(x)
+    W = ramp(2, 16, 256)
+    H = state.finalize().expand(2, 256, 256).contiguous()
+    g = cfg.gptq
+    if fmt is not None:
+        W3, H3 = solver._check_inputs(W, H, g.block_size, g.damp)
+        solver._prepare_hessian(H3, torch.float32, g.damp, 1.0, g.act_order)
+    _mark("before triton")
     # the decoder layer's Triton kernels (models/common/kernels.py) at the model's own widths: Triton compiles (or
     # loads) one program per block size and top-k, so a tiny width would warm a program the run never uses
     from alphaquant.models.common import kernels
@@ -130,22 +172,16 @@ def _warm(device, fmt, cfg, triton_key: threading.Thread | None = None) -> None:
     kernels.rms_norm(h, ramp(hidden).to(dtype), 1e-6)
     rows = torch.arange(4 * top_k, device=device).reshape(4, top_k)
     kernels.weighted_combine(ramp(4 * top_k, hidden).to(dtype), ramp(4 * top_k).to(dtype), rows)
-    # Hessians: half-precision products with float32 output, the routing-weighted split (a Triton kernel)
-    from alphaquant.gptq.hessian import HessianState
     _mark("layer triton kernels")
-    state = HessianState.zeros(256, device=device)
+    # the routing-weighted Hessian: the weights split into half-precision parts (a Triton kernel)
     state.add(x, weight=ramp(256).abs().add(0.1))
-    state.add(x)
     _mark("hessians")
     if fmt is None:
         return
-    # the solve: Cholesky, triangular solves, the scale search and sweep kernels
-    from alphaquant.gptq import gptq_quantize
+    # the solve: the scale search and sweep kernels (Triton), the lazy updates' batched GEMMs
     from alphaquant.pipeline.calibrate import solver_options
-    H = state.finalize().expand(2, 256, 256).contiguous()
-    W = ramp(2, 16, 256)
     # cuda_graph off: capturing a graph here would forbid the main thread's CUDA calls meanwhile
-    gptq_quantize(W, H, fmt, **solver_options(cfg.gptq), cuda_graph=False)
+    solver.gptq_quantize(W, H, fmt, **solver_options(g), cuda_graph=False)
     _mark("solve")
 
 
@@ -167,3 +203,4 @@ def join_warmup(thread: threading.Thread | None) -> None:
     an error leaves prepare."""
     if thread is not None:
         thread.join()
+    _switch_as_before()
