@@ -398,8 +398,11 @@ def warm_host_staging() -> None:
     """Page-lock to_host's two staging buffers of the usual size now and leave them in torch's pinned-memory
     cache (a CUDA run, while the main thread waits for the GPU warm-up): the first layer write then reuses
     them instead of page-locking memory while the walk runs."""
-    buffers = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-    del buffers
+    try:
+        buffers = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        del buffers
+    except RuntimeError:     # no page-locked memory to be had: the layer write meets it and reports it there
+        pass
 
 
 def _stack_params(ps: list):

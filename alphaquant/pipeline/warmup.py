@@ -39,7 +39,8 @@ def start_warmup(cfg) -> threading.Thread | None:
     fmt = _default_format(cfg)
     _switch_often()
     # Triton's key of its own installation, in a thread of its own from the start: it is file reads and hashing
-    # (no GIL held), while the warm-up thread creates the CUDA context and loads cuBLAS and the attention kernels
+    # (the GIL is given up for each 1 MB chunk), while the warm-up thread creates the CUDA context and loads cuBLAS
+    # and the attention kernels
     triton_key = threading.Thread(target=_triton_cache_key, name="triton-key")
     triton_key.start()
     # not a daemon: an interpreter that exits (an error, a plan-only run) waits for it instead of tearing CUDA
