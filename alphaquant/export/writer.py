@@ -290,7 +290,7 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
         if t.device.type == "cpu":
-            out[k] = t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+            out[k] = t if t.untyped_storage().nbytes() == _nbytes(t) else t.clone()
         else:
             on_device.setdefault(t.device, {})[k] = t
     for device, group in on_device.items():
@@ -311,11 +311,11 @@ def transfer_plan(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, 
     used: dict[int, int] = {}
     for t in tensors.values():
         key = t.untyped_storage().data_ptr()
-        used[key] = used.get(key, 0) + t.numel() * t.element_size()
+        used[key] = used.get(key, 0) + _nbytes(t)
     plan, whole = [], {}
     for k, t in tensors.items():
         st = t.untyped_storage()
-        if st.nbytes() == t.numel() * t.element_size() or 2 * used[st.data_ptr()] < st.nbytes():
+        if st.nbytes() == _nbytes(t) or 2 * used[st.data_ptr()] < st.nbytes():
             plan.append((t, [(k, t)]))
         elif st.data_ptr() in whole:
             whole[st.data_ptr()][1].append((k, t))
@@ -352,7 +352,7 @@ def host_transfers(plan, pinned: bool, staging_bytes: int = STAGING_BYTES) -> di
             buffers.append(torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned))
         buf = buffers[b % 2]          # its last batch (b - 2) was read out when batch b - 1 was queued
         for src, _users, offset in batch:
-            _view(buf, offset, src.dtype, src.shape, _contiguous_strides(src.shape)).copy_(src, non_blocking=pinned)
+            _slot(buf, offset, src).copy_(src, non_blocking=pinned)
         done = None
         if pinned:
             done = torch.cuda.Event()
@@ -371,27 +371,19 @@ def _read_out(batch, buf, done, out) -> None:
     for src, users, offset in batch:
         for k, t in users:
             if t is src:                              # a tensor copied on its own, contiguously
-                out[k] = _view(buf, offset, t.dtype, t.shape, _contiguous_strides(t.shape)).clone()
-            else:                                     # a view of a storage copied whole, as flat bytes
-                start = offset + t.storage_offset() * t.element_size()
-                out[k] = _view(buf, start, t.dtype, t.shape, t.stride()).clone()
+                out[k] = _slot(buf, offset, t).clone()
+            else:                                     # a view of a storage copied whole, as flat bytes: t's own
+                start = offset // t.element_size() + t.storage_offset()    # offset and strides in the copy
+                out[k] = torch.empty(0, dtype=t.dtype).set_(buf.untyped_storage(), start, t.shape, t.stride()).clone()
 
 
-def _view(buf: torch.Tensor, offset: int, dtype, shape, stride) -> torch.Tensor:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(buf.untyped_storage(), offset // itemsize, shape, stride)
+def _slot(buf: torch.Tensor, offset: int, t: torch.Tensor) -> torch.Tensor:
+    """The contiguous place of t's values in staging buffer buf at byte `offset` (a multiple of 64)."""
+    return buf[offset:offset + _nbytes(t)].view(t.dtype).view(t.shape)
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    strides, n = [], 1
-    for d in reversed(tuple(shape)):
-        strides.append(n)
-        n *= max(d, 1)
-    return tuple(reversed(strides))
 
 
 def warm_host_staging() -> None:

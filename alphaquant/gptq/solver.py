@@ -144,9 +144,13 @@ def _identity_result(W: torch.Tensor, fmt: Format, E: int) -> GPTQResult:
                       loss=zeros, fallback=[None] * E, damp=zeros.clone())
 
 
+MAX_DAMP = 1.0
+"""The largest damping λ a failed Cholesky is retried with (×10 per retry) before round-to-nearest."""
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
-                  max_damp: float = 1.0, cuda_graph: bool | None = None,
+                  max_damp: float = MAX_DAMP, cuda_graph: bool | None = None,
                   fused: bool | None = None, scale_search: str = "none") -> GPTQResult:
     """Quantize W [R, C] / [E, R, C] to `fmt` with GPTQ, given H [C, C] / [E, C, C].
 

@@ -53,7 +53,6 @@ def build_and_walk(session, writer_factory, prefetch=None) -> dict:
     progress = LayerProgress(n_layers, enabled=rank0, label=label)
 
     plotter = []                  # a GPU run's PlotWorkers (plots.py), started after the first layer
-    plot_to = []                  # the plots' directory (inside the checkpoint's temporary directory)
 
     def on_layer_end(i, stats):
         if draws and i == 0:      # matplotlib's one-time costs, after the first layer's own warm-up: in a child
@@ -62,10 +61,10 @@ def build_and_walk(session, writer_factory, prefetch=None) -> dict:
             else:
                 preload_pyplot()
         stats.phases["gc"] = gc_watch.take()      # collector seconds during the layer (inside its phases' times)
-        if plotter and plot_to and i == n_layers - 1:     # every record is final: the children draw beside the
-            plotter[0].start({"layers": layer_error_table(solver.records, walker.layer_stats),   # last write
+        if plotter and i == n_layers - 1:     # every record is final: the children draw beside the last write
+            plotter[0].start({"layers": layer_error_table(solver.records, walker.layer_stats),
                               "experts": expert_token_table(solver.records, cfg.calibration.min_tokens_warn)},
-                             plot_to[0])
+                             plots_dir(session, tmp))
         rows = layer_error_table({k: r for k, r in solver.records.items()}, [stats])
         progress.layer_done(i, stats, mean_error=rows[0]["mean_rel_error"])
         for lg in loggers:
@@ -86,7 +85,6 @@ def build_and_walk(session, writer_factory, prefetch=None) -> dict:
             _closing(plotter), frozen_heap(), gc_watch:
         writer = writer_factory(tmp, solver.records) if tmp is not None else None
         writers.extend([writer] if writer is not None else [])
-        plot_to.extend([plots_dir(session, tmp)] if draws else [])
         walker = LayerWalker(trainer, session.model, adapter, session.specs, dm, collector=collector,
                              solver=solver, perplexity=ppl, opts=opts, writer=writer,
                              on_layer_end=on_layer_end, progress=progress.group_done, resume=resume,

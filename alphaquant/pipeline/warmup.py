@@ -160,7 +160,7 @@ def _warm(device, fmt, cfg, triton_key: threading.Thread | None = None) -> None:
     g = cfg.gptq
     if fmt is not None:
         W3, H3 = solver._check_inputs(W, H, g.block_size, g.damp)
-        solver._prepare_hessian(H3, torch.float32, g.damp, 1.0, g.act_order)
+        solver._prepare_hessian(H3, torch.float32, g.damp, solver.MAX_DAMP, g.act_order)
     _mark("before triton")
     # the decoder layer's Triton kernels (models/common/kernels.py) at the model's own widths: Triton compiles (or
     # loads) one program per block size and top-k, so a tiny width would warm a program the run never uses
